@@ -31,7 +31,6 @@ def ray_cluster(tmp_path_factory):
     ray.init(
         address="local",
         num_cpus=4,
-        include_dashboard=False,
         log_to_driver=True,
         runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}},
     )

@@ -153,22 +153,44 @@ class MocoConfig:
 
 @dataclass
 class RDANConfig:
-    """Relation-wise dual attention network (paper: rdan-relation-dual-attention, §3)."""
+    """Relation-wise dual attention network (paper: rdan-relation-dual-attention, §3; docs/rdan.md).
 
-    region_source: Literal["grid", "precomputed"] = "grid"
-    backbone: str = "resnet10"
-    region_dim: int = F(2048, ge=1)
-    embed_dim: int = F(1024, ge=1)
-    word_dim: int = F(300, ge=1)
-    relation_channels: int = F(32, ge=1)
-    lambda_: float = F(4.0, gt=0)
-    mu: float = F(0.1, ge=0, le=1)
-    margin: float = F(0.2, ge=0)
-    hardest: bool = True
-    one_path: bool = False
-    use_cnn: bool = True
-    use_residual: bool = True
-    min_word_count: int = F(1, ge=1)
+    Defaults are the paper's (D = 1024, 300-d words, 32-channel relation CNN, lambda = 4, mu = 0.1,
+    m = 0.2, hardest negatives); the ``rdan_cpu`` preset shrinks sizes for 2 CPU cores. The Table 3
+    ablations: mu=0 / mu=1 (``mu``), one-path (``one_path``), no-cnn (``use_cnn``), no-res
+    (``use_residual``), no-hard (``hardest``); ``rdan_ablation`` is a grid space over them.
+    """
+
+    # image side, Eq. (1)
+    region_source: Literal["grid", "precomputed"] = F(
+        "grid", help="grid: cells of a CNN trained from pixels; precomputed: regions.npy (k x region_dim) in the shards")
+    backbone: Literal["resnet10", "resnet18", "resnet34"] = F("resnet10", help="grid CNN depth (BasicBlocks per stage 1/2/3-4-6-3)")
+    backbone_width: int = F(16, ge=4, help="grid CNN first-stage channels (64 = torchvision widths)")
+    grid: int = F(4, ge=1, le=32, help="regions = grid x grid cells of the last feature map (6 -> k = 36)")
+    region_dim: int = F(2048, ge=1, help="d_v of precomputed region features")
+    # text side, Eq. (2-4)
+    embed_dim: int = F(1024, ge=1, help="D, the common space of regions and words")
+    word_dim: int = F(300, ge=1, help="word embedding size, Eq. (2)")
+    gru_layers: int = F(1, ge=1)
+    min_word_count: int = F(1, ge=1, help="training-caption count a word needs to enter the vocabulary")
+    # relation CNN and dual attention, Eq. (5-11)
+    relation_channels: int = F(32, ge=1, help="kernels of each of the three conv layers, Eq. (6)")
+    lambda_: float = F(4.0, gt=0, help="inverse softmax temperature, Eq. (8-9)")
+    mu: float = F(0.1, ge=0, le=1, help="weight of word relevance, Eq. (11); 0 / 1 = Table 3's one-pathway ablations")
+    one_path: bool = F(False, help="Table 3 one-path: one learned map for both attentions")
+    use_cnn: bool = F(True, help="False = Table 3 no-cnn: attend on the cosine matrix S")
+    use_residual: bool = F(True, help="False = Table 3 no-res: no + S in Eq. (7)")
+    ablation: Literal["none", "mu0", "mu1", "one-path", "no-cnn", "no-res", "no-hard"] = F(
+        "none", help="a Table 3 row by name; overrides mu / one_path / use_cnn / use_residual / hardest")
+    # loss, Eq. (12-13)
+    margin: float = F(0.2, ge=0, help="m")
+    hardest: bool = F(True, help="Eq. (13) hardest negatives; False = Eq. (12) all negatives (Table 3 no-hard)")
+    loss_reduction: Literal["sum", "mean"] = F("sum", help="over the batch's positive pairs (VSE++/SCAN sum)")
+    ignore_duplicates: bool = F(True, help="pairs of identical captions / same image are not negatives")
+    # evaluation
+    eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
+    eval_caption_block: int = F(256, ge=1, help="captions per scoring block")
+    eval_cell_budget: int = F(1 << 21, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
 
 
 @dataclass
@@ -187,18 +209,46 @@ class GroundingConfig:
 
 @dataclass
 class DSPEConfig:
-    """Deep structure-preserving embedding (paper: dspe-structure-preserving-embedding)."""
+    """Deep structure-preserving embedding (paper: dspe-structure-preserving-embedding, §3-4).
 
-    text_features: Literal["tfidf", "mean_wordvec", "fisher"] = "tfidf"
+    Defaults are the paper's retrieval model (FV text features, [2048, 512] branches, m = 0.1,
+    K = 50); the presets dspe_cpu / dspe_paper / dspe_paper_wordvec / dspe_phrase_* change sizes.
+    """
+
+    # inputs
+    image_source: Literal["cnn", "regions"] = F("cnn", help="cnn: pooled ResNet features trained jointly; regions: mean of regions.npy")
+    backbone: str = F("resnet10", help="torchvision ResNet for image_source=cnn (trained from scratch)")
+    text_features: Literal["tfidf", "mean_wordvec", "fisher"] = "fisher"
+    tfidf_max_features: int = F(3000, ge=1, help="dictionary size (paper: 3000 Flickr30K, 5600 MSCOCO)")
+    tfidf_ngram_max: int = F(1, ge=1, le=3, help="1 = bag of words (paper)")
+    word_model: str = F("", help="HF folder whose input embeddings give word vectors; empty = shipped MiniLM")
+    fv_components: int = F(30, ge=1, help="GMM centres of the Fisher vector")
+    fv_pca_dim: int = F(6000, ge=0, help="PCA size of the FV (0 = none; capped by samples and FV size)")
+    fv_pca_samples: int = F(10000, ge=1, help="distinct training captions the PCA is fitted on")
+    fv_reg_covar: float = F(1e-4, gt=0, help="GMM variance floor")
+    # network (Fig. 1)
     image_hidden: int = F(2048, ge=1)
     text_hidden: int = F(2048, ge=1)
     embed_dim: int = F(512, ge=1)
-    margin: float = F(0.1, ge=0)
-    lambda_1: float = F(1.0, ge=0)
-    lambda_2: float = F(1.5, ge=0)
-    lambda_struct_image: float = F(0.1, ge=0)
-    lambda_struct_text: float = F(0.1, ge=0)
-    top_k: int = F(50, ge=1)
+    dropout: float = F(0.0, ge=0, lt=1)
+    # objective, Eq. (5)
+    margin: float = F(0.1, ge=0, help="m in Eq. (1-4)")
+    lambda_1: float = F(2.0, ge=0, help="weight of Eq. (2), text -> image ranking")
+    lambda_2: float = F(0.1, ge=0, help="weight of Eq. (3), image-side structure")
+    lambda_3: float = F(0.1, ge=0, help="weight of Eq. (4), text-side structure")
+    top_k: int = F(50, ge=1, help="K: most violated constraints kept per positive pair")
+    extra_positives: int = F(1, ge=0, le=4, help="more positive sentences (phrases) per image (region) in a minibatch")
+    # phrase localization (dspe_phrase)
+    crop_size: int = F(32, ge=8, help="region crops are resized to crop_size^2 before the CNN")
+    jitter_per_box: int = F(4, ge=0, help="jittered copies of each ground-truth box among the candidates")
+    window_scales: list[float] = F([0.3, 0.45, 0.6], help="sliding-window sides as fractions of the image side")
+    pos_iou: float = F(0.7, gt=0, le=1, help="a jittered box with IoU >= this is another positive region")
+    regions_per_phrase: int = F(2, ge=1, le=10, help="positive regions per phrase in a minibatch (paper: at most 10)")
+    hard_negatives: str = F("", help="JSON of mined hard-negative boxes (stage 2); empty = stage 1")
+    hard_negatives_per_phrase: int = F(50, ge=1, help="mining keeps at most this many per unique phrase")
+    hard_negatives_in_batch: int = F(2, ge=0, help="mined boxes added per phrase of a minibatch")
+    mine_max_images: int = F(0, ge=0, help="training images scanned when mining (0 = all)")
+    init_checkpoint: str = F("", help="checkpoint.pt whose model weights start training (stage 2)")
 
 
 @dataclass

@@ -7,7 +7,7 @@ within K (the standard 5-captions-per-image protocol); text->image when the capt
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -85,3 +85,95 @@ def embedding_recall(
     caption_image = caption_image.cpu()
     r_i2t, r_t2i = chunked_ranks(lambda rows: image_emb[rows] @ text_emb.T, image_emb.shape[0], caption_image, chunk)
     return summarize(r_i2t, r_t2i, ks)
+
+
+# ----------------------------------------------------------------------------- protocols
+#
+# Flickr30k 1K and COCO 5K: one query set, the whole test split (``recall_at_k`` on its matrix).
+# COCO 5-fold 1K: the 5,000 test images in five folds of 1,000 consecutive images, each scored only
+# against its own 5,000 captions; every metric is averaged over the folds. (The SCAN and VSE++
+# evaluation scripts print the fold average under the wrong labels - e.g. mean i2t recall x 6 as
+# "rsum"; here each mean is computed and returned under its own name.)
+
+FoldScorer = Callable[[slice, torch.Tensor], torch.Tensor]
+
+
+def folds(n_images: int, caption_image: torch.Tensor, n_folds: int = 5) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """``n_folds`` folds of ``n_images / n_folds`` consecutive images. Each fold is ``(image rows,
+    caption columns, caption_image within the fold)``; every caption belongs to its image's fold."""
+    if n_folds < 1:
+        raise ValueError(f"n_folds must be >= 1, got {n_folds}")
+    if n_images % n_folds:
+        raise ValueError(f"{n_images} images cannot be split into {n_folds} equal folds (COCO 5-fold 1K needs 5,000)")
+    caption_image = caption_image.cpu().long()
+    if caption_image.numel() and (caption_image.min() < 0 or caption_image.max() >= n_images):
+        raise ValueError(f"caption_image refers to images outside [0, {n_images})")
+    size = n_images // n_folds
+    out = []
+    for f in range(n_folds):
+        rows = slice(f * size, (f + 1) * size)
+        cols = ((caption_image >= rows.start) & (caption_image < rows.stop)).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            raise ValueError(f"fold {f} (images {rows.start}..{rows.stop - 1}) has no captions")
+        out.append((rows, cols, caption_image[cols] - rows.start))
+    return out
+
+
+def fold_recall(
+    scores: torch.Tensor | FoldScorer,
+    caption_image: torch.Tensor,
+    n_folds: int = 5,
+    n_images: int | None = None,
+    ks: Sequence[int] = KS,
+) -> dict[str, Any]:
+    """COCO 5-fold 1K protocol: ``{"folds": [metrics of fold f], "mean": {metric: mean over folds}}``.
+
+    ``scores`` is the full (N_img, N_cap) matrix, or a callable ``(image rows, caption columns) ->
+    (fold images, fold captions)`` scores - a cross-attention model then scores only the five
+    diagonal blocks (1/5 of the pairs). ``"mean"`` averages each metric over the folds, rsum included
+    (the mean of the folds' rsums equals the sum of the mean recalls).
+    """
+    if torch.is_tensor(scores):
+        n_images = scores.shape[0]
+        matrix = scores
+        scores = lambda rows, cols: matrix[rows][:, cols.to(matrix.device)]  # noqa: E731
+    elif n_images is None:
+        raise ValueError("fold_recall: give n_images with a scoring callable")
+    per_fold = [recall_at_k(scores(rows, cols), local, ks) for rows, cols, local in folds(n_images, caption_image, n_folds)]
+    mean = {k: sum(m[k] for m in per_fold) / len(per_fold) for k in per_fold[0]}
+    return {"folds": per_fold, "mean": mean}
+
+
+def protocol_recall(
+    scores: torch.Tensor | FoldScorer,
+    caption_image: torch.Tensor,
+    protocol: str,
+    n_images: int | None = None,
+    ks: Sequence[int] = KS,
+) -> dict[str, float]:
+    """Flat, labelled metrics for one protocol: ``"1k"`` / ``"5k"`` / ``"full"`` (the whole matrix;
+    1K and 5K only check the image count) or ``"5fold1k"`` (mean over 5 folds of 1K, keys as
+    ``recall_at_k``, plus ``fold{f}_<metric>`` for each fold)."""
+    if protocol in ("1k", "5k", "full"):
+        if not torch.is_tensor(scores):
+            raise ValueError(f"protocol {protocol!r} needs the full score matrix")
+        expected = {"1k": 1000, "5k": 5000}.get(protocol)
+        if expected is not None and scores.shape[0] != expected:
+            raise ValueError(f"protocol {protocol!r} expects {expected} images, the matrix has {scores.shape[0]}")
+        return recall_at_k(scores, caption_image, ks)
+    if protocol == "5fold1k":
+        res = fold_recall(scores, caption_image, 5, n_images, ks)
+        out = dict(res["mean"])
+        for f, m in enumerate(res["folds"]):
+            out |= {f"fold{f}_{k}": v for k, v in m.items()}
+        return out
+    raise ValueError(f"unknown protocol {protocol!r} (1k, 5k, full, 5fold1k)")
+
+
+def format_recall(metrics: dict[str, float], title: str = "") -> str:
+    """One labelled line per direction, e.g. for logs and docs."""
+    ks = sorted(int(k[len("i2t_r"):]) for k in metrics if k.startswith("i2t_r") and k[len("i2t_r"):].isdigit())
+    i2t = " ".join(f"R@{k} {metrics[f'i2t_r{k}']:.1f}" for k in ks)
+    t2i = " ".join(f"R@{k} {metrics[f't2i_r{k}']:.1f}" for k in ks)
+    head = f"{title}: " if title else ""
+    return f"{head}image->text {i2t} | text->image {t2i} | rsum {metrics['rsum']:.1f}"

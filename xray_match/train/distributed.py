@@ -53,12 +53,15 @@ def all_gather_nograd(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Same-size gather whose backward sends gradients to the owning rank."""
+    """Same-size gather for a loss over the global batch: other ranks' rows arrive without
+    gradient and this rank's rows are the local tensor itself (open_clip's default), so each rank
+    back-propagates through its own features and DDP averages the gradients."""
     if not is_dist():
         return t
-    import torch.distributed.nn.functional as dnn
-
-    return torch.cat(dnn.all_gather(t.contiguous()))
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
 
 
 def all_reduce_mean(value: float, device: torch.device | None = None) -> float:

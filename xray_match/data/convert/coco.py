@@ -1,0 +1,141 @@
+"""MS-COCO captions into shards: the official annotations, or Karpathy's split file.
+
+Official layout (``--coco-root DIR``)::
+
+    DIR/annotations/captions_train2014.json   {"images": [{"id", "file_name", "width", "height"}],
+    DIR/annotations/captions_val2014.json      "annotations": [{"id", "image_id", "caption"}]}
+    DIR/train2014/COCO_train2014_000000xxxxxx.jpg
+    DIR/val2014/COCO_val2014_000000xxxxxx.jpg
+
+gives splits ``train`` (train2014) and ``val`` (val2014), images in id order, captions in
+annotation-id order. ``year=2017`` reads ``captions_train2017.json`` and ``train2017/`` instead.
+
+Karpathy layout (``--karpathy dataset_coco.json``): ``images[]`` with ``filepath`` (train2014 or
+val2014, relative to the COCO root), ``filename``, ``cocoid``, ``split`` in train / restval / val
+/ test and ``sentences[].raw``. ``restval`` folds into ``train`` (113,287 training images, the
+protocol of Karpathy & Fei-Fei, VSE++, SCAN and RDAN) unless ``keep_restval``.
+
+Each sample: the image file byte for byte (unless ``max_side``), json ``image_id`` = the COCO id
+(int), the first ``captions_per_image`` captions (default 5; the few images with 6-7 captions lose
+the extras, counted in the manifest), ``file_name`` and ``source_split``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xray_match.data.convert.common import (
+    ConversionError,
+    ConvertOptions,
+    ImageSampleBuilder,
+    Problems,
+    SplitPlan,
+    exists,
+    field_of,
+    karpathy_records,
+    list_names,
+    options_info,
+    read_json,
+    require_dir,
+    safe_key,
+    take_captions,
+    verify_records,
+    write_plans,
+)
+from xray_match.data.format import Manifest, join
+
+
+def convert_coco(
+    out: str,
+    coco_root: str,
+    *,
+    karpathy: str | None = None,
+    keep_restval: bool = False,
+    year: int = 2014,
+    opts: ConvertOptions | None = None,
+) -> Manifest:
+    """Convert COCO captions under ``coco_root`` into shards at ``out`` (path or fsspec URL)."""
+    opts = opts or ConvertOptions()
+    require_dir(coco_root, "the COCO root")
+    if karpathy:
+        dataset = "coco-karpathy"
+        problems = Problems(dataset)
+
+        def image_path(im: dict[str, Any]) -> str:
+            where = f"{karpathy}: image {im.get('filename', '?')}"
+            return join(coco_root, field_of(im, "filepath", where), field_of(im, "filename", where))
+
+        def image_id(im: dict[str, Any]) -> int:
+            return int(field_of(im, "cocoid", f"{karpathy}: image {im.get('filename', '?')}"))
+
+        split_map = {} if keep_restval else {"restval": "train"}
+        plans = karpathy_records(karpathy, image_path, image_id, split_map, opts, problems, dataset)
+        source = {"coco_root": coco_root, "karpathy": karpathy}
+    else:
+        dataset = "coco"
+        problems = Problems(dataset)
+        plans = _official_plans(coco_root, year, opts, problems)
+        source = {"coco_root": coco_root, "year": year}
+    verify_records(plans, problems, opts, dataset)
+    info = {
+        "converter": "coco",
+        "source": source,
+        "options": options_info(opts, keep_restval=keep_restval, year=year),
+        "pixels": True,
+        "split_scheme": "karpathy" + ("" if keep_restval else " (restval in train)") if karpathy else f"official {year}",
+    }
+    return write_plans(out, dataset, plans, problems, ImageSampleBuilder(opts.max_side), opts, info)
+
+
+def _official_plans(coco_root: str, year: int, opts: ConvertOptions, problems: Problems) -> dict[str, SplitPlan]:
+    plans: dict[str, SplitPlan] = {}
+    for split in ("train", "val"):
+        if not opts.wants(split):
+            continue
+        part = f"{split}{year}"
+        ann = join(coco_root, "annotations", f"captions_{part}.json")
+        if not exists(ann):
+            raise ConversionError(f"{ann}: no such file (to convert only some splits, pass --splits)")
+        folder = join(coco_root, part)
+        require_dir(folder, f"the {part} image folder")
+        plans[split] = _plan_part(ann, folder, part, split, opts, problems)
+    if not plans:
+        raise ConversionError(f"coco: none of the splits {list(opts.splits)} exists (official splits: train, val)")
+    return plans
+
+
+def _plan_part(ann: str, folder: str, part: str, split: str, opts: ConvertOptions, problems: Problems) -> SplitPlan:
+    doc = read_json(ann)
+    images = field_of(doc, "images", ann)
+    annotations = field_of(doc, "annotations", ann)
+    by_id: dict[int, dict[str, Any]] = {}
+    for i, im in enumerate(images):
+        iid = int(field_of(im, "id", f"{ann}: images[{i}]"))
+        if iid in by_id:
+            problems.add(split, "duplicate_id", iid, ann)
+            continue
+        by_id[iid] = im
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for i, a in enumerate(annotations):
+        where = f"{ann}: annotations[{i}]"
+        iid = int(field_of(a, "image_id", where))
+        if iid not in by_id:
+            problems.add(split, "caption_for_unknown_image", iid, f"annotation id {a.get('id', '?')}")
+            continue
+        captions.setdefault(iid, []).append((int(a.get("id", i)), field_of(a, "caption", where)))
+    names = list_names(folder)
+    plan = SplitPlan([])
+    for iid in opts.limited(sorted(by_id)):
+        im = by_id[iid]
+        file_name = field_of(im, "file_name", f"{ann}: image id {iid}")
+        if file_name not in names:
+            problems.add(split, "missing_image", iid, join(part, file_name))
+            continue
+        caps = take_captions([c for _, c in sorted(captions.get(iid, []))], opts, problems, split, iid, plan.stats)
+        if caps is None:
+            continue
+        plan.records.append({
+            "key": safe_key(iid), "image_id": iid, "split": split, "path": join(folder, file_name), "captions": caps,
+            "meta": {"file_name": file_name, "source_split": part},
+        })
+    return plan

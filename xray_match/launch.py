@@ -1,0 +1,162 @@
+"""Job entry points: ``train_main(preset)`` and ``tune_main(preset, space)`` parse the common
+flags plus dotted overrides (``optim.lr=3e-4``), validate the config before any compute, run, and
+print where the results are. ``jobs/*.py`` are one-line calls of these."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from xray_match.config import Config, ConfigError, load_config
+
+FLAG_KEYS = {
+    "data": "data.path",
+    "storage_path": "ray.storage_path",
+    "tracking_uri": "tracking.tracking_uri",
+    "experiment_name": "tracking.experiment_name",
+    "num_workers": "ray.num_workers",
+    "cpus_per_worker": "ray.cpus_per_worker",
+    "gpus_per_worker": "ray.gpus_per_worker",
+    "epochs": "train.epochs",
+    "name": "ray.name",
+    "num_samples": "tune.num_samples",
+    "max_concurrent": "tune.max_concurrent",
+    "time_budget_s": "tune.time_budget_s",
+    "model_name": "tracking.registered_model_name",
+}
+
+
+def build_parser(description: str, preset: str, tune: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=3e-4 moco.sampler=queue")
+    p.add_argument("--config", default=preset, help="preset name in xray_match/configs or a YAML path")
+    p.add_argument("--data", help="shard folder or URL (s3://, gs://); default: the embedded digit scenes")
+    p.add_argument("--storage-path", help="Ray storage_path for checkpoints and results (local or s3://)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or a local sqlite)")
+    p.add_argument("--experiment-name", help="MLflow experiment")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers per run/trial")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--name", help="run/study name (re-using a name resumes it from its storage)")
+    p.add_argument("--model-name", help="registered model name (default xray-match-<model>)")
+    p.add_argument("--print-config", action="store_true", help="print the merged config and exit")
+    if tune:
+        p.add_argument("--num-samples", type=int, help="trials")
+        p.add_argument("--max-concurrent", type=int, help="concurrent trials")
+        p.add_argument("--time-budget-s", type=float, help="stop the study after this many seconds")
+        p.add_argument("--space", help="registered search space (default: the model's)")
+    p.add_argument("--no-test-eval", action="store_true", help="skip evaluating the result on the test split")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    flags = {FLAG_KEYS[k]: v for k, v in vars(args).items() if k in FLAG_KEYS and v is not None}
+    cfg = load_config(args.config, flags)
+    return cfg.with_overrides(args.overrides) if args.overrides else cfg
+
+
+def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    args = build_parser(description, preset, tune).parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        raise SystemExit(0)
+    return args, cfg
+
+
+def evaluate_test(cfg: Config, checkpoint_dir: str, split: str | None = None) -> dict[str, float]:
+    """Evaluate a checkpoint on the test split in this process (world size 1)."""
+    import torch
+
+    from xray_match.train.loop import Trainer
+    from xray_match.train.recipe import DataInfo
+    from xray_match.train.worker import load_checkpoint_dir
+
+    state = load_checkpoint_dir(checkpoint_dir)
+    ckpt_cfg = Config.from_dict(state["config"])
+    trainer = Trainer(ckpt_cfg, DataInfo(**state["info"]), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                      log=lambda s: None)
+    trainer.model.load_state_dict(state["model"])
+    metrics, _ = trainer.evaluate(split or cfg.data.test_split)
+    return metrics
+
+
+def _print_summary(title: str, items: dict[str, Any]) -> None:
+    print(f"\n=== {title} ===")
+    for k, v in items.items():
+        if v is not None:
+            print(f"{k:>18}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+
+
+def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
+    args, cfg = _parse(f"Train one {preset} run on Ray", preset, tune=False, argv=argv)
+    from xray_match.train.worker import run_training
+
+    out = run_training(cfg)
+    if not args.no_test_eval and out.get("checkpoint") and os.path.isdir(out["checkpoint"]):
+        out["test"] = evaluate_test(cfg, out["checkpoint"])
+    _print_summary("xray_match train", {
+        "checkpoint": out.get("checkpoint"), "tracking_uri": _uri(cfg), "mlflow_run": out.get("run_id"),
+        "registered_model": _model_ref(cfg, out.get("model_version")),
+        "val": {k: round(v, 3) for k, v in out["metrics"].items() if k.startswith("val/")},
+        "test": {k: round(v, 3) for k, v in out.get("test", {}).items()} or None,
+    })
+    return out
+
+
+def tune_main(preset: str, space: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+    args, cfg = _parse(f"Tune {preset} with Ray Tune + Optuna", preset, tune=True, argv=argv)
+    from xray_match.tune.tuner import _checkpoint, run_tune
+
+    out = run_tune(cfg, args.space or space)
+    ckpt = out.get("best_checkpoint")
+    if not args.no_test_eval and ckpt:
+        with _checkpoint(ckpt, cfg).as_directory() as d:
+            out["test"] = evaluate_test(cfg.with_overrides(out["best_config"]), d)
+        _log_test(cfg, out)
+    _print_summary("xray_match tune", {
+        "study": out["study"], "trials": out["trials"], "results": out["storage"], "tracking_uri": out["tracking_uri"],
+        "parent_run": out.get("parent_run_id"), "best_run": out.get("best_run_id"),
+        "registered_model": _model_ref(cfg, out.get("model_version"), out.get("model_name")),
+        "best_config": out.get("best_config"),
+        "best_val": {k: round(v, 3) for k, v in out.get("best_metrics", {}).items() if k.startswith("val/")},
+        "test": {k: round(v, 3) for k, v in out.get("test", {}).items()} or None,
+    })
+    return out
+
+
+def _log_test(cfg: Config, out: dict[str, Any]) -> None:
+    if not cfg.tracking.enabled or not out.get("best_run_id"):
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(out["tracking_uri"])
+    now = int(time.time() * 1000)
+    for run in {out["best_run_id"], out.get("parent_run_id")} - {None}:
+        client.log_batch(run, metrics=[Metric(k, float(v), now, 0) for k, v in out["test"].items()])
+
+
+def _uri(cfg: Config) -> str:
+    from xray_match.tracking.runs import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg)
+
+
+def _model_ref(cfg: Config, version: Any, name: str | None = None) -> str | None:
+    if version is None:
+        return None
+    name = name or cfg.tracking.registered_model_name or f"xray-match-{cfg.model.name}"
+    return f"models:/{name}/{version} (alias: models:/{name}@champion)"

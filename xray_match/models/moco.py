@@ -1,0 +1,96 @@
+"""Intermodal contrastive model (paper: intermodal-contrastive-gaze, §2.2, Fig. 2).
+
+Student nets: a ResNet vision net (2048-d for ResNet-50) and a text net (pretrained transformer
+token embeddings + 1-layer LSTM, 768-d). Teacher nets: one fully connected encoder per modality
+(Linear, LeakyReLU, Dropout) into a shared space (100-d). Embeddings are L2-normalised so the
+dot product of Eq. (1) is a cosine similarity (as in MoCo; the paper says "dot product").
+
+For queue/rerank sampling a momentum copy of each branch produces keys (MoCo). The frozen
+transformer is shared by both text branches: it never changes, so its EMA copy would equal it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xray_match.models.encoders.text import LSTMHead, TokenFeatures
+
+
+class Teacher(nn.Module):
+    """Fully connected encoder: [Linear -> LeakyReLU -> Dropout]* -> Linear."""
+
+    def __init__(self, in_dim: int, hidden: list[int], out_dim: int, dropout: float = 0.1, slope: float = 0.01):
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.LeakyReLU(slope), nn.Dropout(dropout)]
+            d = h
+        layers.append(nn.Linear(d, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Branch(nn.Module):
+    """student -> teacher -> L2 normalisation."""
+
+    def __init__(self, student: nn.Module, teacher: Teacher):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return F.normalize(self.teacher(self.student(*args).float()), dim=-1)
+
+
+class IntermodalModel(nn.Module):
+    def __init__(self, vision: nn.Module, vision_dim: int, tokens: TokenFeatures, lstm_hidden: int,
+                 teacher_hidden: list[int], embed_dim: int, dropout: float, momentum_keys: bool):
+        super().__init__()
+        self.tokens = tokens
+        self.image = Branch(vision, Teacher(vision_dim, teacher_hidden, embed_dim, dropout))
+        self.text = Branch(LSTMHead(tokens.dim, lstm_hidden), Teacher(lstm_hidden, teacher_hidden, embed_dim, dropout))
+        self.image_key = self.text_key = None
+        if momentum_keys:
+            self.image_key = copy.deepcopy(self.image).requires_grad_(False)
+            self.text_key = copy.deepcopy(self.text).requires_grad_(False)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image(image)  # (B, D)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text(self.tokens(input_ids, attention_mask), attention_mask)  # (B, D)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        tok = self.tokens(ids, mask)
+        out = {"image_emb": self.image(batch["image"]), "text_emb": self.text(tok, mask)}
+        if self.image_key is not None:
+            with torch.no_grad():
+                out["image_key"] = self.image_key(batch["image"])
+                out["text_key"] = self.text_key(tok.detach(), mask)
+        return out
+
+    @torch.no_grad()
+    def momentum_update(self, m: float) -> None:
+        """MoCo: key <- m * key + (1 - m) * query, parameters and buffers (BN statistics copied)."""
+        for q, k in ((self.image, self.image_key), (self.text, self.text_key)):
+            if k is None:
+                continue
+            for pq, pk in zip(q.parameters(), k.parameters()):
+                pk.mul_(m).add_(pq.detach(), alpha=1.0 - m)
+            for bq, bk in zip(q.buffers(), k.buffers()):
+                bk.copy_(bq)
+
+    def train(self, mode: bool = True) -> "IntermodalModel":
+        super().train(mode)
+        for k in (self.image_key, self.text_key):
+            if k is not None:
+                k.train(mode)  # BN batch statistics for keys too, as MoCo (no shuffle-BN here)
+        return self

@@ -1,0 +1,323 @@
+"""RDAN: relation-wise dual attention network (Hu et al., IJCAI 2019; paper: rdan-relation-dual-attention, §3).
+
+Reads top to bottom like §3 of the paper:
+
+* regions  V (B, k, D): precomputed region features ``r_i`` (bottom-up attention, k=36 x 2048) or the
+  cells of a CNN's last feature map, mapped to D by one linear layer, Eq. (1);
+* words    E (B, n, D): word embedding (300), Eq. (2) -> bidirectional GRU, Eq. (3) -> mean of the two
+  directions, Eq. (4);
+* relation CNN on the cosine matrix S (k, n) of every (image, caption) pair, Eq. (5-7);
+* dual pathway attention, Eq. (8-9), relevances, Eq. (10), similarity F(I, T), Eq. (11).
+
+Readings of the paper's typos and gaps (also in docs/rdan.md):
+
+* Eq. (1): the bias ``b_v`` is a vector in R^D (the paper writes R).
+* Eq. (5): s_ij = v_i.e_j / (|v_i| |e_j|) - the paper's denominator has |e_i|, which is not a cosine
+  and is undefined for i > n.
+* Eq. (9): beta_ij = exp(lambda s^1_ij) / sum_i' exp(lambda s^1_i'j) - a softmax over regions for word
+  j; the paper's denominator index (s^1_ii) is a typo. Eq. (10): R_w uses |e_j| |b_j| likewise.
+* Eq. (7): the 1x1 layer has no non-linearity (S^1, S^2 may be negative, like the residual S).
+* Variable caption lengths: S is zeroed at padded words before the convolutions and again after
+  each layer, so every layer sees exactly what the zero padding of an unpadded k x n input would
+  give - a padded caption scores exactly like the same caption alone (tested). Padded words get
+  no attention in Eq. (8), and Eq. (11) averages R_w over the caption's n real words.
+* "one-path" (Table 3): the CNN's last layer gives one map S^1 used by both Eq. (8) and Eq. (9);
+  "no-cnn": S^1 = S^2 = S; "no-res": S^1, S^2 without the residual S.
+
+All-pairs scoring is batched: one matmul gives S for a block of B_i images x B_c captions, the
+relation CNN runs over the (B_i * B_c) pairs as one conv batch, and Eq. (10) is evaluated without
+materialising the attended vectors a_i, b_j (see :meth:`RDAN.pair_scores`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torchvision.models.resnet import BasicBlock
+
+from xray_match.registry import MODELS
+
+_EPS = 1e-8
+
+# ----------------------------------------------------------------------------- image side
+
+RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+class GridBackbone(nn.Module):
+    """A small ResNet trained from scratch whose last feature map's cells serve as regions.
+
+    ``width`` is the first stage's channels (64 = torchvision's widths; 16 trains on 2 CPU cores).
+    The stem is a stride-2 3x3 conv (no max-pool: digit scenes are 64 px), then four stages of
+    BasicBlocks with strides 1, 2, 2, 2, so a 64 px image gives a 4 x 4 map; the map is average-
+    pooled to ``grid`` x ``grid`` cells when it is larger. Output: (B, grid*grid, 8*width).
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (1, 1, 1, 1), width: int = 16, grid: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        layers, inplanes = [], width
+        for stage, n_blocks in enumerate(blocks):
+            planes, stride = width * 2**stage, 1 if stage == 0 else 2
+            for b in range(n_blocks):
+                down = None
+                if b == 0 and (stride != 1 or inplanes != planes):
+                    down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                layers.append(BasicBlock(inplanes, planes, stride if b == 0 else 1, down))
+                inplanes = planes
+        self.stages = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.out_dim, self.grid = inplanes, grid
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(images))  # (B, C, h, w)
+        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
+            x = self.pool(x)
+        return x.flatten(2).transpose(1, 2)  # (B, grid*grid, C): one region per cell
+
+
+class RegionEncoder(nn.Module):
+    """Eq. (1): v_i = W_v r_i + b_v for each region feature r_i (from shards, or from the grid backbone)."""
+
+    def __init__(self, region_dim: int, embed_dim: int, backbone: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(region_dim, embed_dim)  # W_v, b_v (b_v in R^D)
+        # Xavier init as in SCAN/VSE++ for the region projection
+        r = math.sqrt(6.0) / math.sqrt(region_dim + embed_dim)
+        nn.init.uniform_(self.fc.weight, -r, r)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: images (B, 3, H, W) with a backbone, else region features (B, k, d_v) -> V (B, k, D)."""
+        regions = self.backbone(x) if self.backbone is not None else x  # (B, k, d_v)
+        return self.fc(regions)
+
+
+# ----------------------------------------------------------------------------- text side
+
+
+class WordEncoder(nn.Module):
+    """Eq. (2-4): one-hot -> 300-d x_i = W_o o_i + b_o -> bi-GRU -> e_i = (h_fwd_i + h_bwd_i) / 2.
+
+    Sequences are packed by length, so the backward GRU starts at each caption's last real word
+    and padding never enters a real word's state.
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, num_layers: int = 1):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)  # W_o o_i
+        self.embed_bias = nn.Parameter(torch.zeros(word_dim))  # b_o
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        self.gru = nn.GRU(word_dim, embed_dim, num_layers=num_layers, batch_first=True, bidirectional=True)
+        self.embed_dim = embed_dim
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n) padded with 0, lengths (B,) >= 1 -> E (B, n, D), zero at padded words."""
+        if lengths.min() < 1:
+            raise ValueError("WordEncoder: every caption needs at least one word (length >= 1)")
+        x = self.embed(tokens) + self.embed_bias  # (B, n, 300)  Eq. (2)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)  # Eq. (3)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])  # (B, n, 2D)
+        return (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2  # (B, n, D)  Eq. (4)
+
+
+# ----------------------------------------------------------------------------- relation CNN
+
+
+class RelationCNN(nn.Module):
+    """Eq. (6-7): 3x1 -> 1x3 -> 3x3 convs (``channels`` each, ReLU, size-preserving padding), then a
+    1x1 conv to ``out_maps`` maps (2: S^1, S^2; 1 for one-path). Input S (P, k, n) -> (P, out_maps, k, n).
+
+    ``word_mask`` (P, n) marks real words: padded columns are zeroed on the input and after every
+    layer, so a padded pair gives exactly the result of its unpadded k x n matrix.
+    """
+
+    def __init__(self, channels: int = 32, out_maps: int = 2):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(1, channels, (3, 1), padding=(1, 0)),  # tri-gram regions, uni-gram words
+                nn.Conv2d(channels, channels, (1, 3), padding=(0, 1)),  # uni-gram regions, tri-gram words
+                nn.Conv2d(channels, channels, (3, 3), padding=(1, 1)),  # tri-gram regions and words
+            ]
+        )
+        self.head = nn.Conv2d(channels, out_maps, 1)
+        self.channels, self.out_maps = channels, out_maps
+
+    def forward(self, s: torch.Tensor, word_mask: torch.Tensor | None = None) -> torch.Tensor:
+        m = None if word_mask is None else word_mask[:, None, None, :].to(s.dtype)  # (P, 1, 1, n)
+        x = s.unsqueeze(1)  # (P, 1, k, n)
+        if m is not None:
+            x = x * m
+        for conv in self.convs:
+            x = Fn.relu(conv(x))  # Eq. (6): S_t = ReLU(Conv(S_{t-1}))
+            if m is not None:
+                x = x * m  # what a zero border would hold: no bias or neighbour leaks into padding
+        out = self.head(x)  # (P, out_maps, k, n)
+        return out * m if m is not None else out
+
+    def flops_per_cell(self) -> int:
+        """Multiply-adds x 2 of the four layers per (region, word) cell."""
+        c = self.channels
+        return 2 * (3 * c + 3 * c * c + 9 * c * c + c * self.out_maps)  # bias, ReLU, mask not counted
+
+
+# ----------------------------------------------------------------------------- RDAN
+
+
+class RDAN(nn.Module):
+    """Image-text similarity F(I, T), Eq. (11), for every image against every caption of a batch.
+
+    ``forward(batch)`` -> ``{"scores": (B_img, B_cap)}``; the inputs are ``batch["images"]`` (B, 3, H, W)
+    or ``batch["regions"]`` (B, k, d_v), and ``batch["tokens"]`` (B_cap, n), ``batch["lengths"]`` (B_cap,).
+    """
+
+    def __init__(
+        self,
+        regions: RegionEncoder,
+        words: WordEncoder,
+        relation_channels: int = 32,
+        lambda_: float = 4.0,
+        mu: float = 0.1,
+        one_path: bool = False,
+        use_cnn: bool = True,
+        use_residual: bool = True,
+    ):
+        super().__init__()
+        if not 0.0 <= mu <= 1.0:
+            raise ValueError(f"mu must lie in [0, 1], got {mu}")
+        if not use_cnn and not use_residual:
+            raise ValueError("use_cnn=False with use_residual=False leaves no matrix to attend on")
+        self.regions, self.words = regions, words
+        self.relation = RelationCNN(relation_channels, 1 if one_path else 2) if use_cnn else None
+        self.lambda_, self.mu = float(lambda_), float(mu)
+        self.one_path, self.use_cnn, self.use_residual = one_path, use_cnn, use_residual
+
+    # ---- encoders ------------------------------------------------------------------------
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) or region features (B, k, d_v) -> V (B, k, D)."""
+        return self.regions(x)
+
+    def encode_texts(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n), lengths (B,) -> E (B, n, D)."""
+        return self.words(tokens, lengths)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x = batch["regions"] if "regions" in batch else batch["images"]
+        v = self.encode_images(x)  # (B_i, k, D)
+        e = self.encode_texts(batch["tokens"], batch["lengths"])  # (B_c, n, D)
+        return {"scores": self.pair_scores(v, e, batch["lengths"])}
+
+    # ---- Eq. (5-11) for all pairs ----------------------------------------------------------
+    def relation_maps(self, s: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6-7): S (P, k, n) -> (S^1-hat, S^2-hat), each (P, k, n)."""
+        if self.relation is None:  # no-cnn: attend on the cosine matrix itself
+            return s, s
+        maps = self.relation(s, word_mask)  # (P, 1 or 2, k, n)
+        if self.use_residual:
+            maps = maps + s.unsqueeze(1)  # Eq. (7): S^t-hat = S^t (+) S
+        if self.one_path:
+            return maps[:, 0], maps[:, 0]
+        return maps[:, 0], maps[:, 1]
+
+    def pair_scores(self, v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """F(I, T), Eq. (11), for every image of ``v`` (B_i, k, D) against every caption of ``e``
+        (B_c, n, D) with ``lengths`` (B_c,) -> (B_i, B_c).
+
+        Eq. (10) without the attended vectors: with the raw products P_ij = v_i.e_j = s_ij |v_i| |e_j|,
+        v_i.a_i = sum_j alpha_ij P_ij and |a_i|^2 = alpha_i^T G alpha_i with the words' Gram matrix
+        G = E E^T (n x n), so R_r(v_i, a_i) = sum_j alpha_ij s_ij |e_j| / |a_i|; likewise
+        R_w(e_j, b_j) = sum_i beta_ij s_ij |v_i| / |b_j| with |b_j|^2 = beta_j^T H beta_j, H = V V^T.
+        That costs k n^2 + n k^2 per pair instead of 2 k n D.
+        """
+        b_i, k, d = v.shape
+        b_c, n, _ = e.shape
+        lengths = lengths.to(e.device)
+        word_mask = torch.arange(n, device=e.device).view(1, -1) < lengths.view(-1, 1)  # (B_c, n)
+        v_norm = v.norm(dim=-1).clamp_min(_EPS)  # (B_i, k)
+        e_norm = e.norm(dim=-1).clamp_min(_EPS)  # (B_c, n)
+        v_hat, e_hat = v / v_norm.unsqueeze(-1), e / e_norm.unsqueeze(-1)
+        # Eq. (5) for all pairs: one (B_i k) x (B_c n) matmul
+        s = (v_hat.reshape(b_i * k, d) @ e_hat.reshape(b_c * n, d).t()).view(b_i, k, b_c, n)
+        s = s.permute(0, 2, 1, 3).reshape(b_i * b_c, k, n)  # (P, k, n), pair p = i * B_c + c
+        pair_mask = word_mask.repeat(b_i, 1)  # (P, n)
+        s = s * pair_mask.unsqueeze(1)
+        s1, s2 = self.relation_maps(s, pair_mask)  # (P, k, n) each
+        s = s.view(b_i, b_c, k, n)
+        scores = s.new_zeros(b_i, b_c)
+        if self.mu < 1.0:  # region relevance pathway, Eq. (8), (10)
+            logits = (self.lambda_ * s2).view(b_i, b_c, k, n).masked_fill(~word_mask[None, :, None, :], float("-inf"))
+            alpha = torch.softmax(logits, dim=-1)  # (B_i, B_c, k, n) Eq. (8), over words
+            gram = e @ e.transpose(1, 2)  # (B_c, n, n)  G = E E^T
+            a_sq = (torch.einsum("icxn,cnm->icxm", alpha, gram) * alpha).sum(-1)  # (B_i, B_c, k) |a_i|^2
+            va = (alpha * s * e_norm[None, :, None, :]).sum(-1)  # (B_i, B_c, k)  v_i.a_i / |v_i|
+            r_r = va / a_sq.clamp_min(0).sqrt().clamp_min(_EPS)  # Eq. (10), region relevance
+            scores = scores + (1.0 - self.mu) * r_r.mean(-1)  # Eq. (11), mean over the k regions
+        if self.mu > 0.0:  # word relevance pathway, Eq. (9), (10)
+            beta = torch.softmax(self.lambda_ * s1.view(b_i, b_c, k, n), dim=2)  # (B_i, B_c, k, n) over regions
+            gram_v = v @ v.transpose(1, 2)  # (B_i, k, k)  H = V V^T
+            b_sq = (torch.einsum("ixy,icyn->icxn", gram_v, beta) * beta).sum(2)  # (B_i, B_c, n) |b_j|^2
+            eb = (beta * s * v_norm[:, None, :, None]).sum(2)  # (B_i, B_c, n)  e_j.b_j / |e_j|
+            r_w = eb / b_sq.clamp_min(0).sqrt().clamp_min(_EPS) * word_mask  # Eq. (10), word relevance
+            scores = scores + self.mu * r_w.sum(-1) / lengths.view(1, -1).to(r_w.dtype)  # Eq. (11), over n words
+        return scores  # (B_i, B_c)
+
+    def pair_flops(self, k: int, n: int, d: int) -> int:
+        """FLOPs of :meth:`pair_scores` per (image, caption) pair with k regions, n (padded) words:
+        the cosine matmul, the relation convs, and the Eq. (8-10) contractions (the per-image and
+        per-caption norms and Gram matrices are amortised over the block and left out)."""
+        flops = 2 * k * n * d  # Eq. (5)
+        if self.relation is not None:
+            flops += self.relation.flops_per_cell() * k * n
+        if self.mu < 1.0:
+            flops += 2 * k * n * n + 6 * k * n
+        if self.mu > 0.0:
+            flops += 2 * n * k * k + 6 * k * n
+        return flops
+
+
+@MODELS.register("rdan")
+def build_rdan(
+    vocab_size: int,
+    *,
+    region_source: str = "grid",
+    backbone: str = "resnet10",
+    backbone_width: int = 16,
+    grid: int = 4,
+    region_dim: int = 2048,
+    embed_dim: int = 1024,
+    word_dim: int = 300,
+    gru_layers: int = 1,
+    relation_channels: int = 32,
+    lambda_: float = 4.0,
+    mu: float = 0.1,
+    one_path: bool = False,
+    use_cnn: bool = True,
+    use_residual: bool = True,
+) -> RDAN:
+    """Numbers in, module out (the recipe reads the config)."""
+    if region_source == "grid":
+        if backbone not in RESNET_BLOCKS:
+            raise ValueError(f"rdan.backbone: {backbone!r} is not one of {sorted(RESNET_BLOCKS)}")
+        net = GridBackbone(RESNET_BLOCKS[backbone], width=backbone_width, grid=grid)
+        regions = RegionEncoder(net.out_dim, embed_dim, backbone=net)
+    elif region_source == "precomputed":
+        regions = RegionEncoder(region_dim, embed_dim)
+    else:
+        raise ValueError(f"rdan.region_source: {region_source!r} is not 'grid' or 'precomputed'")
+    words = WordEncoder(vocab_size, word_dim, embed_dim, gru_layers)
+    return RDAN(regions, words, relation_channels, lambda_, mu, one_path, use_cnn, use_residual)

@@ -1,0 +1,211 @@
+"""Intermodal contrastive recipe: InfoNCE with batch / queue / rerank negatives and gaze
+regularisation (paper: intermodal-contrastive-gaze). Also the worked example of a Recipe."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from xray_match.config import Config, resolve_queue_size
+from xray_match.data.transforms import image_to_tensor, normalize, saliency_to_tensor, stable_id
+from xray_match.losses.contrastive import InfoNCELoss
+from xray_match.metrics.plots import save_recall_curve
+from xray_match.metrics.retrieval import chunked_ranks, summarize
+from xray_match.models.encoders.image import build_resnet
+from xray_match.models.encoders.text import TokenFeatures, load_tokenizer
+from xray_match.models.moco import IntermodalModel
+from xray_match.registry import RECIPES, SPACES
+from xray_match.samplers.negatives import build_sampler
+from xray_match.train.recipe import DataInfo, EvalContext, Recipe, unwrap
+
+
+def gaze(image: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): ``g'_c(x) = M(x) * g_c(x)`` for every channel c — (C, H, W) x (1, H, W)."""
+    return image * saliency
+
+
+class MocoTransform:
+    """Decoded sample -> tensors. Picklable; the tokenizer loads lazily in each worker."""
+
+    def __init__(self, cfg: Config, train: bool):
+        self.train = train
+        self.size = cfg.data.image_size
+        self.hflip = cfg.data.hflip and train
+        self.gaze_prob = cfg.moco.gaze_prob if train else 0.0
+        self.text_model = cfg.moco.text_model
+        self.max_len = cfg.data.max_text_len
+        self._tok = None
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            self._tok = load_tokenizer(self.text_model)
+        return self._tok
+
+    def image(self, sample: dict[str, Any]) -> torch.Tensor:
+        img = image_to_tensor(self.size)(sample["image"])
+        if self.gaze_prob > 0 and sample.get("saliency") is not None and random.random() < self.gaze_prob:
+            img = gaze(img, saliency_to_tensor(self.size)(sample["saliency"]))
+        if self.hflip and random.random() < 0.5:
+            img = img.flip(-1)
+        return normalize()(img)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        caps = sample["meta"]["captions"]
+        texts = [random.choice(caps)] if self.train else caps
+        tok = self.tokenizer(texts, truncation=True, max_length=self.max_len)
+        return {
+            "image": self.image(sample),
+            "input_ids": [torch.tensor(t) for t in tok["input_ids"]],
+            "image_id": stable_id(sample["meta"]["image_id"]),
+        }
+
+
+def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images stacked; every item's captions flattened and right-padded; ``caption_image`` maps
+    each caption row to its item."""
+    ids = [t for it in items for t in it["input_ids"]]
+    n = max(len(t) for t in ids)
+    input_ids = torch.zeros(len(ids), n, dtype=torch.long)
+    mask = torch.zeros(len(ids), n, dtype=torch.long)
+    for i, t in enumerate(ids):
+        input_ids[i, : len(t)] = t
+        mask[i, : len(t)] = 1
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "caption_image": torch.tensor([i for i, it in enumerate(items) for _ in it["input_ids"]]),
+        "image_id": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
+    }
+
+
+@RECIPES.register("moco")
+class MocoRecipe(Recipe):
+    name = "moco"
+    metric = "val/rsum"
+    mode = "max"
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.moco
+        vision, vdim = build_resnet(m.vision_backbone, m.vision_pretrained)
+        tokens = TokenFeatures(m.text_model, m.text_embeddings, m.text_freeze)
+        return IntermodalModel(vision, vdim, tokens, m.lstm_hidden, m.teacher_hidden, m.embed_dim, m.dropout,
+                               momentum_keys=m.sampler != "batch")
+
+    def build_loss(self) -> nn.Module:
+        m = self.cfg.moco
+        k = resolve_queue_size(self.cfg, self.info.counts.get(self.cfg.data.train_split, 0)) if m.sampler != "batch" else 0
+        return InfoNCELoss(build_sampler(m.sampler, queue_size=k, dim=m.embed_dim, top_n=m.rerank_top_n), m.temperature)
+
+    def transform(self, train: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        return MocoTransform(self.cfg, train)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_tokens(items)
+
+    def after_step(self, model, loss_module, outputs, batch) -> None:
+        if self.cfg.moco.sampler != "batch":
+            unwrap(model).momentum_update(self.cfg.moco.momentum)
+        loss_module.after_step(outputs, batch)
+
+    @torch.no_grad()
+    def embed_split(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext):
+        net = unwrap(model)
+        imgs, txts, counts = [], [], []
+        for batch in batches:
+            batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with ctx.autocast() if ctx.autocast else _null():
+                imgs.append(net.encode_image(batch["image"]).float())
+                txts.append(net.encode_text(batch["input_ids"], batch["attention_mask"]).float())
+            counts.append(torch.bincount(batch["caption_image"], minlength=batch["image"].shape[0]))
+        dim = self.cfg.moco.embed_dim
+        cat = lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=ctx.device)
+        img = ctx.gather(cat(imgs, dim))
+        txt = ctx.gather(cat(txts, dim))
+        cnt = ctx.gather(cat(counts).to(ctx.device) if counts else torch.zeros(0, dtype=torch.long, device=ctx.device))
+        caption_image = torch.repeat_interleave(torch.arange(len(cnt)), cnt.cpu())
+        return img.cpu(), txt.cpu(), caption_image
+
+    def evaluate(self, model, batches, ctx: EvalContext) -> dict[str, float]:
+        img, txt, caption_image = self.embed_split(model, batches, ctx)
+        r_i2t, r_t2i = chunked_ranks(lambda rows: img[rows] @ txt.T, img.shape[0], caption_image)
+        out = summarize(r_i2t, r_t2i)
+        # the paper's metrics over the split, in chunks of one training batch with the first
+        # caption of each image as its positive
+        first = torch.searchsorted(caption_image, torch.arange(img.shape[0]))
+        b, losses, accs = self.cfg.data.batch_size, [], []
+        for s in range(0, img.shape[0] - b + 1, b):
+            logits = img[s : s + b] @ txt[first[s : s + b]].T / self.cfg.moco.temperature
+            target = torch.arange(logits.shape[0])
+            losses.append(nn.functional.cross_entropy(logits, target).item())
+            accs.append((logits.argmax(1) == target).float().mean().item())
+        if losses:
+            out["loss"] = sum(losses) / len(losses)
+            out["acc"] = sum(accs) / len(accs)
+        out["avg_similarity"] = (img * txt[first]).sum(-1).mean().item()
+        out["images"], out["captions"] = float(img.shape[0]), float(txt.shape[0])
+        if ctx.is_main and ctx.out_dir:
+            ctx.artifacts.append(save_recall_curve(r_i2t, r_t2i, os.path.join(ctx.out_dir, "recall_curve.png"),
+                                                   title=f"moco ({self.cfg.moco.sampler})"))
+        return out
+
+    def inference(self, model: nn.Module) -> "MocoInference":
+        return MocoInference(unwrap(model), self.cfg)
+
+
+class MocoInference:
+    """A loaded model with its preprocessing: embed images / texts and rank one by the other."""
+
+    def __init__(self, model: IntermodalModel, cfg: Config):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.transform = MocoTransform(cfg, train=False)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> torch.Tensor:
+        x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images]).to(self.device)
+        return self.model.encode_image(x).float().cpu()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tok = self.transform.tokenizer(texts, truncation=True, max_length=self.cfg.data.max_text_len, padding=True, return_tensors="pt")
+        return self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()
+
+    def rank_images(self, text: str, images: list) -> list[tuple[int, float]]:
+        s = (self.encode_images(images) @ self.encode_texts([text]).T).squeeze(1)
+        return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
+
+    def rank_texts(self, image, texts: list[str]) -> list[tuple[int, float]]:
+        s = (self.encode_texts(texts) @ self.encode_images([image]).T).squeeze(1)
+        return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@SPACES.register("moco")
+def moco_space(cfg: Config) -> dict[str, Any]:
+    """Queue size (as a fraction of the data, as in the paper's Table 3), temperature, momentum,
+    gaze probability, learning rate, batch size and sampler."""
+    from ray import tune
+
+    return {
+        "moco.sampler": tune.choice(["batch", "queue", "rerank"]),
+        "moco.queue_fraction": tune.choice([0.3, 0.5, 0.7, 1.0]),
+        "moco.temperature": tune.loguniform(0.03, 0.3),
+        "moco.momentum": tune.uniform(0.9, 0.999),
+        "moco.gaze_prob": tune.choice([0.0, 0.3, 0.5, 0.7]),
+        "optim.lr": tune.loguniform(1e-3, 1e-1),
+        "data.batch_size": tune.choice([16, 32, 48, 64]),
+    }

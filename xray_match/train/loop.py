@@ -1,0 +1,237 @@
+"""The training loop: plain PyTorch, shared by every method, no Ray inside.
+
+:func:`run` drives epochs of a fixed number of steps over an endless shard stream, evaluates on
+the whole validation split, and hands each epoch's metrics and a checkpoint-state callable to a
+``report`` function. :mod:`xray_match.train.worker` passes Ray Train's prepare/report; the
+benchmarks and tests call it directly with world size 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from xray_match.config import Config
+from xray_match.data.reader import make_loader
+from xray_match.registry import RECIPES
+from xray_match.train.distributed import all_reduce_mean
+from xray_match.train.recipe import DataInfo, EvalContext, Recipe, move_to, unwrap
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    skipped: int = 0  # corrupt samples skipped (skip mode)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    warm, kind = cfg.optim.warmup_steps, cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "cosine":
+            t = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def steps_per_epoch(cfg: Config, info: DataInfo, world_size: int) -> int:
+    if cfg.data.steps_per_epoch:
+        return cfg.data.steps_per_epoch
+    n = info.counts.get(cfg.data.train_split, 0)
+    return max(1, n // (cfg.data.batch_size * world_size))
+
+
+def autocast_for(cfg: Config, device: torch.device) -> Callable[[], Any]:
+    """bf16 autocast on GPU (``precision: auto|bf16``); a no-op context on CPU or with fp32."""
+    use = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
+    if cfg.train.precision == "bf16" and device.type != "cuda":
+        use = device.type == "cpu"  # explicit request: CPU bf16 autocast also exists
+    if not use:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+class Trainer:
+    """Holds what one worker trains; ``train_epoch`` and ``evaluate`` are the whole loop body."""
+
+    def __init__(self, cfg: Config, info: DataInfo, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 log: Callable[[str], None] = print):
+        self.cfg, self.info = cfg, info
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")
+        self.log = log if rank == 0 else (lambda s: None)
+        seed_everything(cfg.train.seed + rank)
+        self.recipe: Recipe = RECIPES.get(cfg.model.name)(cfg, info)
+        model = self.recipe.build_model().to(self.device)
+        self.loss_fn = self.recipe.build_loss().to(self.device)
+        self.model = wrap_model(model)
+        self.optimizer = build_optimizer(self.recipe.param_groups(unwrap(self.model)), cfg)
+        self.steps_per_epoch = steps_per_epoch(cfg, info, world_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.train.epochs)
+        self.autocast = autocast_for(cfg, self.device)
+        self.state = LoopState()
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "loop": vars(self.state),
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "info": vars(self.info),
+            "recipe": self.cfg.model.name,
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(s["model"])
+        self.loss_fn.load_state_dict(s["loss"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.scheduler.load_state_dict(s["scheduler"])
+        self.state = LoopState(**s["loop"])
+        if self.rank == 0 and "rng" in s:
+            set_rng_state(s["rng"])
+        else:  # other ranks: distinct but reproducible streams
+            seed_everything(self.cfg.train.seed + self.rank + 1000 * self.state.epoch)
+
+    # ------------------------------------------------------------------ data
+    def loader(self, split: str, train: bool, epoch: int = 0) -> Iterable[dict[str, Any]]:
+        d = self.cfg.data
+        return make_loader(
+            self.info.root, split, self.recipe.transform(train), self.recipe.collate,
+            batch_size=d.batch_size if train else d.eval_batch_size, train=train, rank=self.rank,
+            world_size=self.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+            seed=self.cfg.train.seed, epoch=epoch, skip_corrupt=d.skip_corrupt,
+        )
+
+    # ------------------------------------------------------------------ loop body
+    def train_epoch(self, batches: Iterable[dict[str, Any]] | None = None) -> dict[str, float]:
+        """``steps_per_epoch`` optimizer steps; returns the epoch's mean of every logged scalar."""
+        self.model.train()
+        self.loss_fn.train()
+        batches = batches if batches is not None else self.loader(self.cfg.data.train_split, True, self.state.epoch)
+        sums: dict[str, float] = {}
+        t0, seen = time.perf_counter(), 0
+        it = iter(batches)
+        for i in range(self.steps_per_epoch):
+            batch = next(it)
+            self.state.skipped += int(batch.pop("_skipped", 0)) if isinstance(batch, dict) else 0
+            batch = move_to(batch, self.device)
+            with self.autocast():
+                outputs = self.recipe.forward(self.model, batch)
+                losses = self.loss_fn(outputs, batch)
+            loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.recipe.after_step(self.model, self.loss_fn, outputs, batch)
+            self.state.step += 1
+            seen += _batch_size(batch)
+            logged = {"loss": float(loss.detach())} | {k: float(v.detach()) for k, v in losses.items()}
+            for k, v in logged.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == self.steps_per_epoch:
+                rate = seen * self.world_size / (time.perf_counter() - t0)
+                self.log(f"epoch {self.state.epoch + 1} step {i + 1}/{self.steps_per_epoch} "
+                         f"loss {logged['loss']:.4f} lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
+        del it
+        out = {f"train/{k}": all_reduce_mean(v / self.steps_per_epoch, self.device) for k, v in sums.items()}
+        out["train/samples_per_s"] = seen * self.world_size / (time.perf_counter() - t0)
+        out["train/skipped"] = float(self.state.skipped)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: str | None = None, out_dir: str | None = None) -> tuple[dict[str, float], list[str]]:
+        split = split or self.cfg.data.val_split
+        self.model.eval()
+        ctx = EvalContext(self.rank, self.world_size, self.device, self.autocast, out_dir)
+        batches = (move_to(b, self.device) for b in self.loader(split, train=False))
+        metrics = self.recipe.evaluate(self.model, batches, ctx)
+        prefix = "val" if split == self.cfg.data.val_split else split
+        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}, ctx.artifacts
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                return v.shape[0]
+    return len(batch) if hasattr(batch, "__len__") else 0
+
+
+def run(cfg: Config, info: DataInfo, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+        start_state: dict[str, Any] | None = None,
+        report: Callable[[dict[str, float], Trainer, list[str]], None] | None = None,
+        log: Callable[[str], None] = print) -> Trainer:
+    """Train ``cfg.train.epochs`` epochs (continuing from ``start_state``), evaluating after each."""
+    trainer = Trainer(cfg, info, rank=rank, world_size=world_size, device=device, wrap_model=wrap_model, log=log)
+    if start_state is not None:
+        trainer.load_state_dict(start_state)
+        trainer.log(f"resumed at epoch {trainer.state.epoch} (step {trainer.state.step})")
+    with tempfile.TemporaryDirectory(prefix="xray-eval-") as out_dir:
+        while trainer.state.epoch < cfg.train.epochs:
+            t0 = time.perf_counter()
+            metrics = trainer.train_epoch()
+            trainer.state.epoch += 1
+            epoch_dir = os.path.join(out_dir, f"epoch{trainer.state.epoch:03d}")
+            val, artifacts = trainer.evaluate(out_dir=epoch_dir)
+            metrics |= val
+            metrics |= {"epoch": float(trainer.state.epoch), "step": float(trainer.state.step),
+                        "epoch_time_s": time.perf_counter() - t0}
+            trainer.state.history.append(metrics)
+            trainer.log(f"epoch {trainer.state.epoch}: " + " ".join(
+                f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val/")))
+            if report:
+                report(metrics, trainer, artifacts)
+    return trainer

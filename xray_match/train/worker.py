@@ -1,0 +1,124 @@
+"""Ray Train glue: the only module that touches ``ray.train``.
+
+``run_training(cfg)`` prepares the data on the driver, starts a TorchTrainer whose workers run
+the shared loop (:mod:`xray_match.train.loop`) with DDP through ``prepare_model``, reports every
+epoch with a checkpoint from rank 0, logs to MLflow from rank 0, and resumes automatically: from
+the latest checkpoint after a worker failure (FailureConfig), and from the run's storage when the
+same ``ray.name`` is started again.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from xray_match.config import Config, xray_home
+from xray_match.train.recipe import DataInfo, worker_env
+
+CKPT_FILE = "checkpoint.pt"
+
+
+def storage_path(cfg: Config) -> str:
+    from xray_match.train.prepare import local_path
+
+    return local_path(cfg.ray.storage_path or str(xray_home() / "runs"))
+
+
+def load_checkpoint_dir(path: str) -> dict[str, Any]:
+    return torch.load(os.path.join(path, CKPT_FILE), map_location="cpu", weights_only=False)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Per-worker entry point (``train_loop_per_worker``)."""
+    import ray.train
+    import ray.train.torch
+
+    from xray_match.tracking.runs import RankZeroLogger
+    from xray_match.train.loop import run
+
+    worker_env()
+    cfg = Config.from_dict(config["cfg"])
+    info = DataInfo(**config["info"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    start = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = load_checkpoint_dir(d)
+    logger = RankZeroLogger(config.get("mlflow"), rank)
+    if start is None:
+        logger.start(cfg)
+
+    def report(metrics: dict[str, float], trainer, artifacts: list[str]) -> None:
+        logger.log_epoch(metrics, int(metrics["epoch"]), artifacts)
+        with tempfile.TemporaryDirectory(prefix="xray-ckpt-") as d:
+            checkpoint = None
+            if rank == 0:
+                state = trainer.state_dict()
+                torch.save(state, os.path.join(d, CKPT_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wrap(model: torch.nn.Module) -> torch.nn.Module:
+        # find_unused_parameters: momentum/key branches and frozen encoders hold no gradients
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+            if any(p.requires_grad for p in model.parameters()) else model
+
+    run(cfg, info, rank=rank, world_size=world, device=device, wrap_model=wrap, start_state=start,
+        report=report, log=lambda s: print(f"[xray_match] {s}", flush=True))
+    logger.end()
+
+
+def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = None, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.ray.gpus_per_worker > 0
+    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})
+    backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    return TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(
+            name=cfg.ray.name or None,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=None),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None) -> dict[str, Any]:
+    """One training run on the current Ray cluster (started locally if none): returns the final
+    metrics, the checkpoint path, and the MLflow run id / registered model version."""
+    import ray
+
+    from xray_match.tracking.runs import TrackingSession
+    from xray_match.train.prepare import prepare_info
+
+    if info is None:
+        info = prepare_info(cfg)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=_runtime_env())
+    session = TrackingSession(cfg)
+    run_id = session.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
+    result = build_trainer(cfg, info, mlflow=session.worker_spec(run_id)).fit()
+    out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                           "run_id": run_id, "storage": storage_path(cfg)}
+    do_register = cfg.tracking.register if register is None else register
+    if do_register and result.checkpoint is not None and cfg.tracking.enabled:
+        out["model_version"] = session.register(result.checkpoint, run_id, out["metrics"], info)
+    session.end_run(run_id)
+    return out
+
+
+def _runtime_env() -> dict[str, Any]:
+    return {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}}

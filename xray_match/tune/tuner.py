@@ -1,0 +1,199 @@
+"""Ray Tune driver: OptunaSearch (TPE) + ASHA over a registered search space, or a grid.
+
+Train V2 refuses a TorchTrainer inside ``Tuner``; each trial is therefore a function trainable
+that builds and fits a TorchTrainer whose ``TuneReportCallback`` forwards every epoch's report
+(and checkpoint path) to Tune. MLflow: one parent run per study, one child run per trial (logged
+by the trial's rank-0 worker); the best trial's checkpoint is registered with alias champion.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from xray_match.config import Config, ConfigError
+from xray_match.registry import RECIPES, SPACES
+from xray_match.train.recipe import DataInfo
+
+TRIAL_CPU = 0.1  # the trial's own actor only waits on its TorchTrainer
+_SEP = "__"  # dotted config keys are flattened for Tune/Optuna parameter names
+
+
+def _encode(space: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace(".", _SEP): v for k, v in space.items()}
+
+
+def _decode(config: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace(_SEP, "."): v for k, v in config.items()}
+
+
+def is_grid(space: dict[str, Any]) -> bool:
+    return any(isinstance(v, dict) and "grid_search" in v for v in space.values())
+
+
+def check_space(cfg: Config, space: dict[str, Any]) -> None:
+    """Every key must be a config key and every sampled value valid — before any compute."""
+    from ray.tune.search.sample import Domain
+
+    probe: dict[str, Any] = {}
+    for k, v in space.items():
+        if isinstance(v, dict) and "grid_search" in v:
+            probe[k] = v["grid_search"][0]
+        elif isinstance(v, Domain):
+            probe[k] = v.sample()
+        else:
+            probe[k] = v
+    try:
+        cfg.with_overrides(probe)
+    except ConfigError as e:
+        raise ConfigError(f"search space: {e}") from None
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], tracking: dict[str, Any] | None,
+           study: str) -> None:
+    """One Tune trial: merge the sampled values, start a child MLflow run, fit a TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from xray_match.train.worker import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    values = _decode(config)
+    cfg = Config.from_dict(base).with_overrides(values | {"ray.name": f"{study}-{trial_id}"})
+    mlflow_spec = None
+    if tracking:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking["tracking_uri"])
+        run = client.create_run(
+            tracking["experiment_id"], run_name=f"trial-{trial_id}",
+            tags={"mlflow.parentRunId": tracking["parent_run_id"], "ray_trial_id": trial_id, "study": study,
+                  "model": cfg.model.name},
+        )
+        mlflow_spec = {"tracking_uri": tracking["tracking_uri"], "run_id": run.info.run_id}
+    status = "FAILED"
+    try:
+        build_trainer(cfg, DataInfo(**info), mlflow=mlflow_spec, callbacks=[TuneReportCallback()]).fit()
+        status = "FINISHED"
+    finally:
+        if mlflow_spec:
+            client.set_terminated(mlflow_spec["run_id"], status)
+
+
+def fit_local_resources(cfg: Config, concurrent: int) -> Config:
+    """On a small cluster, shrink per-worker CPU shares so ``concurrent`` trials fit (logical
+    CPUs only; e.g. 2 cores: 0.1 for the trial + 2 x 0.95 for its workers)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    need = concurrent * (TRIAL_CPU + cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+    if total and need > total:
+        share = round((total / concurrent - TRIAL_CPU) / cfg.ray.num_workers, 3)
+        if share <= 0:
+            raise ConfigError(f"tune.max_concurrent: {concurrent} trials of {cfg.ray.num_workers} workers do not fit in {total} CPUs")
+        print(f"[xray_match] {total:g} CPUs: ray.cpus_per_worker {cfg.ray.cpus_per_worker} -> {share} so trials fit", flush=True)
+        cfg = cfg.with_overrides({"ray.cpus_per_worker": share})
+    return cfg
+
+
+def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = None) -> dict[str, Any]:
+    """Run a study; returns the best trial's metrics and config, and the registered version."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from xray_match.tracking.runs import TrackingSession
+    from xray_match.train.prepare import prepare_info
+    from xray_match.train.worker import storage_path
+
+    recipe = RECIPES.get(cfg.model.name)
+    space_name = space or cfg.tune.space or cfg.model.name
+    search_space = SPACES.get(space_name)(cfg)
+    check_space(cfg, search_space)
+    info = info or prepare_info(cfg)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
+    metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
+    mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
+    study = cfg.ray.name or f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    session = TrackingSession(cfg)
+    parent = session.start_run(study, tags={"study": study, "space": space_name})
+    tracking = None
+    if session.enabled:
+        tracking = {"tracking_uri": session.uri, "experiment_id": session.experiment_id, "parent_run_id": parent}
+        from mlflow.entities import Param
+
+        session.client.log_batch(parent, params=[Param("space", space_name), Param("model", cfg.model.name)]
+                                 + [Param(f"space.{k}", str(v)[:500]) for k, v in search_space.items()])
+
+    grid = is_grid(search_space)
+    if grid:
+        search_alg, scheduler = None, FIFOScheduler()
+    else:
+        search_alg = ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=cfg.tune.max_concurrent)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                  grace_period=min(cfg.tune.grace_period, cfg.train.epochs))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, base=cfg.to_dict(), info=vars(info), tracking=tracking, study=study),
+        {"CPU": TRIAL_CPU},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=_encode(search_space),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
+            num_samples=1 if grid else cfg.tune.num_samples,
+            max_concurrent_trials=cfg.tune.max_concurrent, time_budget_s=cfg.tune.time_budget_s,
+            trial_name_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
+            trial_dirname_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(name=study, storage_path=storage_path(cfg), verbose=1),
+    )
+    results = tuner.fit()
+    out: dict[str, Any] = {"study": study, "parent_run_id": parent, "trials": len(results),
+                           "storage": os.path.join(storage_path(cfg), study), "tracking_uri": session.uri}
+    try:
+        best = results.get_best_result(metric=metric, mode=mode)
+    except RuntimeError as e:
+        session.end_run(parent, "FAILED")
+        raise RuntimeError(f"no trial reported {metric!r}: {e}") from None
+    best_values = _decode(best.config)
+    out |= {"best_config": best_values, "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}}
+    ckpt_path = out["best_checkpoint"] = best.metrics.get("checkpoint_path")
+    if session.enabled:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        session.client.log_batch(parent, metrics=[Metric(f"best/{k}", float(v), now, 0)
+                                                  for k, v in out["best_metrics"].items() if k.startswith("val/")])
+        child = session.client.search_runs([session.experiment_id],
+                                           f"tags.ray_trial_id = '{best.metrics.get('trial_id', '')}' "
+                                           f"and tags.mlflow.parentRunId = '{parent}'")
+        out["best_run_id"] = child[0].info.run_id if child else parent
+        if cfg.tracking.register and ckpt_path:
+            best_cfg = cfg.with_overrides(best_values)
+            session.cfg = best_cfg
+            out["model_name"] = best_cfg.tracking.registered_model_name or f"xray-match-{cfg.model.name}"
+            out["model_version"] = session.register(
+                _checkpoint(ckpt_path, cfg), out["best_run_id"], best.metrics, info,
+                extra_tags={"trial_id": str(best.metrics.get("trial_id", "")), "study": study})
+        session.end_run(parent)
+    return out
+
+
+def _checkpoint(path: str, cfg: Config):
+    from ray.train import Checkpoint
+
+    store = cfg.ray.storage_path
+    if store and "://" in store and "://" not in path:
+        import pyarrow.fs
+
+        fs, _ = pyarrow.fs.FileSystem.from_uri(store)
+        return Checkpoint(path=path, filesystem=fs)
+    return Checkpoint(path=path)
