@@ -160,14 +160,14 @@ def test_model_branches_output_unit_vectors():
 def test_fisher_vector_known_value_tiny_gmm():
     # 1-D GMM: w = (.5, .5), mu = (-1, 1), var = (1, 1); one descriptor x = 1.
     # posteriors: e^-2 / (1 + e^-2) = 0.1192029, 0.8807971; z = (x - mu) / s = (2, 0)
-    # G_mu = (0.1192029 * 2 / sqrt(.5), 0) = (0.3371593, 0)
+    # G_mu = (0.1192029 * 2 / sqrt(.5), 0) = (0.3371567, 0)
     # G_sigma = (0.1192029 * (4 - 1) / sqrt(1), 0.8807971 * (0 - 1) / sqrt(1)) = (0.3576088, -0.8807971)
     w, mu, var = np.array([0.5, 0.5]), np.array([[-1.0], [1.0]]), np.array([[1.0], [1.0]])
     raw = fisher_vector(np.array([[1.0]]), w, mu, var, power_norm=False, l2_norm=False)
-    assert raw == pytest.approx([0.3371593, 0.0, 0.3576088, -0.8807971], abs=1e-6)
-    # improved FV: signed sqrt, then L2; sqrt values .5806542, 0, .5980040, -.9385079, norm 1.2552093
+    assert raw == pytest.approx([0.3371567, 0.0, 0.3576088, -0.8807971], abs=1e-6)
+    # improved FV: signed sqrt, then L2; sqrt values .5806519, 0, .5980040, -.9385079, norm 1.2552142
     fv = fisher_vector(np.array([[1.0]]), w, mu, var)
-    assert fv == pytest.approx([0.4625959, 0.0, 0.4764183, -0.7476891], abs=1e-5)
+    assert fv == pytest.approx([0.462592, 0.0, 0.476416, -0.747687], abs=1e-5)
     assert fisher_vector(np.zeros((0, 1)), w, mu, var).tolist() == [0, 0, 0, 0]
 
 
@@ -178,6 +178,9 @@ def test_fisher_featurizer_shape_and_pca():
     fz = FisherFeaturizer.fit(caps, words, vectors, n_components=3, pca_dim=0, reg_covar=1e-3)
     assert fz.dim == 2 * 3 * 8 and fz(caps[:2]).shape == (2, 48)
     assert np.linalg.norm(fz.one("a red one")) == pytest.approx(1.0, abs=1e-5)
+    # the cached per-word path equals the formula on the sentence's word vectors
+    ref = fisher_vector(vectors[[4, 0, 2, 5, 1]], fz.weights, fz.means, fz.variances)
+    assert np.allclose(fz.one("a red one and blue"), ref, atol=1e-6)
     assert not fz.one("unknown words").any()
     fz = FisherFeaturizer.fit(caps, words, vectors, n_components=3, pca_dim=10, reg_covar=1e-3)
     assert fz.dim == 10 and fz(["a red one"]).shape == (1, 10)
@@ -383,3 +386,14 @@ def test_two_worker_ray_run(tiny_scenes, ray_cluster, mlflow_uri, tmp_path):
     assert m["val/images"] == 60 and m["val/captions"] == 300
     assert math.isfinite(m["train/loss"]) and "train/struct_text_loss" in m
     assert out["checkpoint"] and out.get("model_version") is not None
+
+
+@pytest.mark.parametrize("space", ["dspe", "dspe_grid"])
+def test_search_spaces_are_valid_config_keys(space):
+    from xray_match.registry import SPACES
+    from xray_match.tune.tuner import check_space
+
+    cfg = load_config("dspe_cpu")
+    domains = SPACES.get(space)(cfg)
+    assert {"dspe.margin", "dspe.lambda_1", "dspe.top_k", "optim.lr"} <= set(domains) or space == "dspe_grid"
+    check_space(cfg, domains)

@@ -27,7 +27,7 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="process pool size")
     g.add_argument("--ray", action="store_true",
                    help="write each shard as a Ray task across the cluster (inputs and --out must be visible to every node)")
-    g.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, a running cluster, or a new local one)")
+    g.add_argument("--ray-address", default=None, help="Ray cluster address; unset: $RAY_ADDRESS, a running cluster, or a new local one")
     g.add_argument("--skip-bad", action="store_true",
                    help="leave out images whose annotations and files disagree (counted, listed in the manifest) instead of failing")
     g.add_argument("--splits", default="", help="comma-separated output splits to write (default: all)")
@@ -87,6 +87,8 @@ def summary(out: str, manifest: Any) -> str:
         stats = s.get("stats", {})
         extra = f", {', '.join(f'{k} {v}' for k, v in stats.items())}" if stats else ""
         lines.append(f"  {split}: {manifest.count(split)} images in {len(manifest.splits[split])} shards{skip}{extra}")
+    for where, s in conv.get("skipped_outside_splits", {}).items():
+        lines.append(f"  {where}: skipped {', '.join(f'{k} {v}' for k, v in s['skipped'].items())}")
     return "\n".join(lines)
 
 
@@ -186,7 +188,7 @@ def add_convert_commands(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xray-match data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="xray-match data", description="Convert published data sets to xray_match shards.")
     add_convert_commands(parser.add_subparsers(dest="data_command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)

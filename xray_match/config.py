@@ -186,6 +186,7 @@ class RDANConfig:
     margin: float = F(0.2, ge=0, help="m")
     hardest: bool = F(True, help="Eq. (13) hardest negatives; False = Eq. (12) all negatives (Table 3 no-hard)")
     loss_reduction: Literal["sum", "mean"] = F("sum", help="over the batch's positive pairs (VSE++/SCAN sum)")
+    hardest_warmup_steps: int = F(0, ge=0, help="first training steps on Eq. (12) all negatives, then Eq. (13)")
     ignore_duplicates: bool = F(True, help="pairs of identical captions / same image are not negatives")
     # evaluation
     eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
@@ -194,17 +195,42 @@ class RDANConfig:
 
 
 @dataclass
-class GroundingConfig:
-    """Weakly supervised MCB attention grounding (paper: grounding-mcb-attention, §2)."""
+class MultiMnistConfig:
+    """The multi-MNIST data set of grounding-mcb-attention §3 (xray_match.data.multi_mnist)."""
 
-    backbone_width: int = F(64, ge=4, help="ResNet-18 base width (64 = full)")
-    init: Literal["pretrained", "scratch"] = "pretrained"
-    query_dim: int = F(128, ge=1)
-    mcb_dim: int = F(2048, ge=1)
-    lambda_: float = F(0.1, ge=0)
-    beta: float = F(0.1, ge=0)
-    pair_margin: float = F(1.0, ge=0)
-    threshold: float = F(0.5, gt=0, lt=1)
+    train: int = F(20000, ge=1, help="training images (the paper: 500000)")
+    val: int = F(1000, ge=1)
+    test: int = F(1000, ge=1, help="random-layout test images (Table 1)")
+    grid_test: int = F(1000, ge=1, help="images in each of test_2x2 / test_3x3 (Table 2)")
+    canvas: int = F(56, ge=28, le=1024, help="side of random-layout images, px (digits stay 28 px)")
+    max_overlap: float = F(0.5, ge=0, le=1, help="per-image ink-box IoU cap drawn from U(0, this)")
+    noise_std: float = F(25.0, ge=0, help="Gaussian white noise, 0..255 units")
+    seed: int = 0
+
+
+@dataclass
+class GroundingConfig:
+    """Weakly supervised MCB attention grounding (paper: grounding-mcb-attention, §2-3)."""
+
+    backbone_width: int = F(64, ge=1, help="ResNet-18 base width (64 = the paper's; stride 1 everywhere)")
+    init: Literal["pretrained", "scratch"] = F("pretrained", help="stage-1 MNIST backbone, or train from scratch")
+    backbone_checkpoint: str = F("", help="stage-1 file; empty = $XRAY_MATCH_HOME/grounding/mnist-resnet18-w<width>.pt")
+    num_classes: int = F(10, ge=2)
+    query_dim: int = F(128, ge=1, help="dense layer on the one-hot label (§3)")
+    mcb_dim: int = F(2048, ge=1, help="MCB output size d")
+    head_hidden: int = F(512, ge=1, help="channels between the two 1x1 convolutions")
+    mcb_seed: int = F(0, help="seed of the count-sketch hashes and signs")
+    lambda_: float = F(0.1, ge=0, help="λ of Eq. (1): weight of the pair loss")
+    beta: float = F(0.1, ge=0, help="β of Eq. (1): weight of the attention L2 regulariser")
+    pair_margin: float = F(1.0, ge=0, le=2, help="m of Eq. (2) on L2-normalised features")
+    queries_per_image: int = F(0, ge=0, help="training queries per image (distinct digits present); 0 = all")
+    threshold: float = F(0.5, gt=0, lt=1, help="attention threshold for boxes (connected components)")
+    eval_query_chunk: int = F(64, ge=1, help="queries per forward pass in evaluation (memory)")
+    overlay_images: int = F(6, ge=0, help="images in the per-epoch attention overlay PNG")
+    pretrain_epochs: int = F(3, ge=1, help="stage 1: epochs over MNIST-train")
+    pretrain_lr: float = F(0.05, gt=0, help="stage 1: SGD learning rate (cosine)")
+    pretrain_batch_size: int = F(128, ge=1)
+    data: MultiMnistConfig = field(default_factory=MultiMnistConfig)
 
 
 @dataclass
@@ -467,12 +493,10 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def resolve_queue_size(cfg: Config, train_count: int) -> int:
-    """K for the queue sampler: absolute, or a fraction of the train split rounded down to a
-    multiple of the global batch (the paper's 0.3/0.5/0.7/1.0). Config error if not divisible."""
+    """K for the queue sampler: absolute, or a fraction of the train split (the paper's
+    0.3/0.5/0.7/1.0) rounded down to a multiple of the global batch, at least one global batch.
+    An absolute K that is not a multiple of the global batch is a config error (validated)."""
     global_batch = cfg.data.batch_size * cfg.ray.num_workers
     if cfg.moco.queue_fraction > 0:
-        k = int(cfg.moco.queue_fraction * train_count) // global_batch * global_batch
-        if k < global_batch:
-            raise ConfigError(f"moco.queue_fraction: {cfg.moco.queue_fraction} of {train_count} is below one global batch")
-        return k
+        return max(global_batch, int(cfg.moco.queue_fraction * train_count) // global_batch * global_batch)
     return cfg.moco.queue_size

@@ -56,14 +56,23 @@ def iter_raw(url: str) -> Iterator[dict[str, Any]]:
         raise ShardFormatError(f"{url}: unreadable tar after key {last!r} ({type(e).__name__}: {e})") from e
 
 
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Raw tar sample -> Sample dict (see :mod:`xray_match.train.recipe`); errors name shard + key."""
+ALL_PARTS = frozenset({"saliency", "regions", "region_boxes"})
+
+
+def decode_sample(raw: dict[str, Any], parts: frozenset[str] | set[str] = ALL_PARTS) -> dict[str, Any]:
+    """Raw tar sample -> Sample dict (see :mod:`xray_match.train.recipe`); errors name shard + key.
+
+    The image and json are always decoded and checked; the optional ``parts`` only when asked for
+    (a transform declares what it reads in a ``parts`` attribute), so that e.g. a saliency map is
+    not decoded for a model that never looks at it.
+    """
     where = sample_where(raw)
     ext = image_key(raw)
     try:
         image = Image.open(io.BytesIO(raw[ext]))
         image.load()
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except Exception as e:
         raise ShardFormatError(f"{where}: undecodable image .{ext} ({e})") from None
     if "json" not in raw:
@@ -74,7 +83,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raise ShardFormatError(f"{where}: .json is not valid JSON ({e})") from None
     check_meta(meta, where, width=image.width, height=image.height)
     saliency = None
-    if "saliency.png" in raw:
+    if "saliency" in parts and "saliency.png" in raw:
         try:
             saliency = Image.open(io.BytesIO(raw["saliency.png"]))
             saliency.load()
@@ -83,8 +92,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             raise ShardFormatError(f"{where}: undecodable saliency.png ({e})") from None
         if saliency.size != image.size:
             raise ShardFormatError(f"{where}: saliency.png is {saliency.size}, image is {image.size}")
-    regions = _npy(raw, "regions.npy", where)
-    region_boxes = _npy(raw, "boxes.npy", where)
+    regions = _npy(raw, "regions.npy", where) if "regions" in parts else None
+    region_boxes = _npy(raw, "boxes.npy", where) if "region_boxes" in parts else None
     return {
         "key": raw["__key__"], "url": raw.get("__url__", ""), "image": image, "meta": meta,
         "saliency": saliency, "regions": regions, "region_boxes": region_boxes,
@@ -183,11 +192,12 @@ class ShardStream(IterableDataset):
         if self.train and self.shuffle_buffer > 1:
             source = _buffer_shuffle(source, self.shuffle_buffer, rng)
         skipped = 0
+        parts = getattr(self.transform, "parts", ALL_PARTS) if self.transform is not None else ALL_PARTS
         for raw in source:
             try:
                 if "_error" in raw:
                     raise ShardFormatError(raw["_error"])
-                sample = decode_sample(raw)
+                sample = decode_sample(raw, parts)
             except ShardFormatError:
                 if not self.skip_corrupt:
                     raise

@@ -159,16 +159,37 @@ class RelationCNN(nn.Module):
         self.channels, self.out_maps = channels, out_maps
 
     def forward(self, s: torch.Tensor, word_mask: torch.Tensor | None = None) -> torch.Tensor:
-        m = None if word_mask is None else word_mask[:, None, None, :].to(s.dtype)  # (P, 1, 1, n)
-        x = s.unsqueeze(1)  # (P, 1, k, n)
+        """S (P, k, n), word_mask (P, n) bool or None -> maps (P, out_maps, k, n), zero at padded words.
+
+        Activations are kept channels-last, the layout oneDNN's convolutions run fastest on. Where the
+        zeros must be restored: the first layer mixes only regions, so with S zero at padded words its
+        output there is just the bias - the bias is masked instead; the second mixes words, so its
+        output is masked; the third's output at padded words is never read by a real word's cell (the
+        1x1 head is pointwise), so it is masked only on the final 2-channel maps. A mask that is all
+        ones (length-bucketed evaluation blocks) is skipped.
+        """
+        p, k, n = s.shape
+        m = None
+        if word_mask is not None and not bool(word_mask.all()):
+            m = word_mask.to(s.dtype)  # (P, n)
+            s = s * m.unsqueeze(1)
+        grad = torch.is_grad_enabled()
+        relu = Fn.relu if grad else torch.relu_
+        conv1, conv2, conv3 = self.convs
+        # layer 1 (3x1, one input channel): a 3-tap product per channel; the library conv is slow on
+        # one input channel, a contraction over the three shifted copies of S writes (P, k, n, C) directly
+        # (the bias rides along as a fourth tap on a column of ones - zeros at padded words)
+        sp = Fn.pad(s, (0, 0, 1, 1))  # (P, k+2, n): zero rows above and below, like padding=(1, 0)
+        ones = (m[:, None, :] if m is not None else s.new_ones(1, 1, 1)).expand(p, k, n)
+        taps = torch.stack([sp[:, 0:k], sp[:, 1 : k + 1], sp[:, 2 : k + 2], ones], dim=-1)  # (P, k, n, 4)
+        w1 = torch.cat([conv1.weight.view(self.channels, 3), conv1.bias.view(-1, 1)], dim=1)  # (C, 4)
+        x = relu(taps @ w1.t()).permute(0, 3, 1, 2)  # (P, C, k, n), channels-last strides
+        x = relu(conv2(x))  # (P, C, k, n)
         if m is not None:
-            x = x * m
-        for conv in self.convs:
-            x = Fn.relu(conv(x))  # Eq. (6): S_t = ReLU(Conv(S_{t-1}))
-            if m is not None:
-                x = x * m  # what a zero border would hold: no bias or neighbour leaks into padding
+            x = x * m[:, None, None, :] if grad else x.mul_(m[:, None, None, :])
+        x = relu(conv3(x))
         out = self.head(x)  # (P, out_maps, k, n)
-        return out * m if m is not None else out
+        return out * m[:, None, None, :] if m is not None else out
 
     def flops_per_cell(self) -> int:
         """Multiply-adds x 2 of the four layers per (region, word) cell."""
@@ -177,6 +198,21 @@ class RelationCNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- RDAN
+
+
+def cosine_all_pairs(v: torch.Tensor, e: torch.Tensor, v_norm: torch.Tensor | None = None,
+                     e_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. (5), s_ij = v_i.e_j / (|v_i| |e_j|), for every image of v (B_i, k, D) and caption of
+    e (B_c, n, D) -> (B_i, B_c, k, n), with one (B_i k) x (B_c n) matmul. Zero word vectors (padding)
+    give zero columns."""
+    b_i, k, d = v.shape
+    b_c, n, _ = e.shape
+    v_norm = v.norm(dim=-1).clamp_min(_EPS) if v_norm is None else v_norm  # (B_i, k)
+    e_norm = e.norm(dim=-1).clamp_min(_EPS) if e_norm is None else e_norm  # (B_c, n)
+    v_hat, e_hat = v / v_norm.unsqueeze(-1), e / e_norm.unsqueeze(-1)
+    s = (v_hat.reshape(b_i * k, d) @ e_hat.reshape(b_c * n, d).t()).view(b_i, k, b_c, n)
+    return s.permute(0, 2, 1, 3)  # (B_i, B_c, k, n)
+
 
 
 class RDAN(nn.Module):
@@ -250,10 +286,7 @@ class RDAN(nn.Module):
         word_mask = torch.arange(n, device=e.device).view(1, -1) < lengths.view(-1, 1)  # (B_c, n)
         v_norm = v.norm(dim=-1).clamp_min(_EPS)  # (B_i, k)
         e_norm = e.norm(dim=-1).clamp_min(_EPS)  # (B_c, n)
-        v_hat, e_hat = v / v_norm.unsqueeze(-1), e / e_norm.unsqueeze(-1)
-        # Eq. (5) for all pairs: one (B_i k) x (B_c n) matmul
-        s = (v_hat.reshape(b_i * k, d) @ e_hat.reshape(b_c * n, d).t()).view(b_i, k, b_c, n)
-        s = s.permute(0, 2, 1, 3).reshape(b_i * b_c, k, n)  # (P, k, n), pair p = i * B_c + c
+        s = cosine_all_pairs(v, e, v_norm, e_norm).reshape(b_i * b_c, k, n)  # (P, k, n), pair p = i * B_c + c
         pair_mask = word_mask.repeat(b_i, 1)  # (P, n)
         s = s * pair_mask.unsqueeze(1)
         s1, s2 = self.relation_maps(s, pair_mask)  # (P, k, n) each

@@ -109,13 +109,18 @@ def fit_text(cfg: Config, texts: list[str]) -> dict[str, Any]:
 
 def load_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint written by the training loop: ``checkpoint.pt`` or the folder holding it."""
+    import fsspec
+
+    from xray_match.data.format import join
     from xray_match.train.worker import CKPT_FILE
 
-    if "://" not in path and os.path.isdir(path):
-        path = os.path.join(path, CKPT_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"dspe.init_checkpoint: {path!r} is not a checkpoint file or folder")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.isdir(p):
+        path, p = join(path, CKPT_FILE), join(p, CKPT_FILE)
+    if not fs.isfile(p):
+        raise ConfigError(f"dspe.init_checkpoint: {path!r} is not a checkpoint file or a folder holding {CKPT_FILE}")
+    with fs.open(p, "rb") as fh:
+        return torch.load(fh, map_location="cpu", weights_only=False)
 
 
 # ----------------------------------------------------------------------------- shared parts
@@ -132,14 +137,11 @@ class _Featurize:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         if self._fz is None:
             self._fz = featurizer_from_state(self.state)
-        rows = []
-        for t in texts:
-            v = self._cache.get(t)
-            if v is None:
-                v = self._fz.one(t)
-                if len(self._cache) < 200_000:
-                    self._cache[t] = v
-            rows.append(v)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        fresh = dict(zip(missing, self._fz(missing))) if missing else {}  # one batched call
+        if len(self._cache) < max(1000, 50_000_000 // max(1, self._fz.dim)):  # at most ~200 MB of float32
+            self._cache.update(fresh)
+        rows = [self._cache[t] if t in self._cache else fresh[t] for t in texts]
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, self._fz.dim)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -657,3 +659,75 @@ def dspe_grid(cfg: Config) -> dict[str, Any]:
     from ray import tune
 
     return {"dspe.lambda_3": tune.grid_search([0.0, 0.1]), "dspe.top_k": tune.grid_search([5, 50])}
+
+
+# ----------------------------------------------------------------------------- two-stage driver
+
+
+def mine_from_checkpoint(checkpoint: str, out_path: str, max_images: int | None = None) -> dict[str, Any]:
+    """Rebuild a stage-1 ``dspe_phrase`` model from its checkpoint and mine its hard negatives."""
+    state = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(state["config"])
+    info = DataInfo(**state["info"])
+    model = DSPEPhraseRecipe(cfg.with_overrides({"dspe.init_checkpoint": ""}), info).build_model()
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return mine_hard_negatives(model, cfg, info, out_path, max_images=max_images, device=device, seed=cfg.train.seed)
+
+
+def localize_two_stage(cfg: Config, *, stage2_epochs: int, stage2_lr_mult: float = 0.1,
+                       test_eval: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """§4.3: train the region-phrase embedding (stage 1), mine at most
+    ``dspe.hard_negatives_per_phrase`` hard-negative boxes per unique training phrase with it, then
+    continue training from it on the augmented set with the ranking terms only (stage 2:
+    lambda_2 = lambda_3 = 0). Each stage is a ``run_training`` run (Ray Train, MLflow); stage 2 is
+    the one registered. Returns both runs and, with ``test_eval``, test accuracy before and after."""
+    import time
+
+    from xray_match.data.format import join
+    from xray_match.launch import evaluate_test
+    from xray_match.train.worker import run_training
+
+    if cfg.model.name != "dspe_phrase":
+        raise ConfigError(f"model.name: two-stage localization needs 'dspe_phrase', got {cfg.model.name!r}")
+    name = cfg.ray.name or f"dspe-phrase-{time.strftime('%Y%m%d-%H%M%S')}"
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    s1 = cfg.with_overrides({"ray.name": f"{name}-stage1", "dspe.hard_negatives": ""})
+    out["stage1"] = run_training(s1, register=False)
+    out["stage1"]["wall_s"] = time.perf_counter() - t0
+    ckpt1 = out["stage1"]["checkpoint"]
+    if not ckpt1:
+        raise RuntimeError("stage 1 produced no checkpoint")
+    if test_eval:
+        out["test_before"] = evaluate_test(s1, ckpt1)
+        log(f"stage 1 test: {out['test_before']}")
+    t1 = time.perf_counter()
+    hard_path = join(out["stage1"]["storage"], f"{name}-hard-negatives.json")
+    mined = mine_from_checkpoint(ckpt1, hard_path, max_images=cfg.dspe.mine_max_images)
+    out["mining"] = mined["stats"] | {"path": hard_path, "wall_s": time.perf_counter() - t1}
+    log(f"mined hard negatives: {out['mining']}")
+    t2 = time.perf_counter()
+    s2 = cfg.with_overrides({"ray.name": f"{name}-stage2", "dspe.hard_negatives": hard_path, "dspe.init_checkpoint": ckpt1,
+                             "dspe.lambda_2": 0.0, "dspe.lambda_3": 0.0, "train.epochs": stage2_epochs,
+                             "optim.lr": cfg.optim.lr * stage2_lr_mult})
+    out["stage2"] = run_training(s2)
+    out["stage2"]["wall_s"] = time.perf_counter() - t2
+    if test_eval and out["stage2"]["checkpoint"]:
+        out["test_after"] = evaluate_test(s2, out["stage2"]["checkpoint"])
+        log(f"stage 2 test: {out['test_after']}")
+        _log_metrics(cfg, out["stage2"].get("run_id"), {f"test/before_{k.split('/')[-1]}": v for k, v in out["test_before"].items()}
+                     | out["test_after"])
+    return out
+
+
+def _log_metrics(cfg: Config, run_id: str | None, metrics: dict[str, float]) -> None:
+    if not run_id or not cfg.tracking.enabled:
+        return
+    from mlflow import MlflowClient
+
+    from xray_match.tracking.runs import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))

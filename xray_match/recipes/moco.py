@@ -39,6 +39,8 @@ class MocoTransform:
         self.text_model = cfg.moco.text_model
         self.max_len = cfg.data.max_text_len
         self._tok = None
+        # what the reader must decode beyond image + json
+        self.parts = frozenset({"saliency"} if self.gaze_prob > 0 else ())
 
     @property
     def tokenizer(self):

@@ -88,6 +88,7 @@ class RDANTransform:
             "tokens": [self.encode(t) for t in texts],
             "image_id": stable_id(sample["meta"]["image_id"]),
             "key": str(sample["key"]),
+            "split": str(sample["meta"].get("split", "")),
         }
 
 
@@ -114,6 +115,7 @@ def collate(items: list[dict[str, Any]], source: str = "grid", ignore_duplicates
         "tokens": tokens, "lengths": lengths, "caption_image": caption_image, "image_id": image_id,
         ("regions" if source == "precomputed" else "images"): torch.stack([it["x"] for it in items]),
         "keys": [it["key"] for it in items],
+        "split": items[0].get("split", ""),
     }
     if ignore_duplicates and all(len(it["tokens"]) == 1 for it in items):  # training batches only
         same_image = image_id.view(-1, 1) == image_id[caption_image].view(1, -1)  # (B, N_c)
@@ -136,14 +138,26 @@ class _Collate:
 
 
 class RDANLoss(nn.Module):
-    """The ranking loss on the model's B x B scores, Eq. (13) or Eq. (12)."""
+    """The ranking loss on the model's B x B scores, Eq. (13) or Eq. (12).
 
-    def __init__(self, margin: float, hardest: bool, reduction: str):
+    ``warmup_steps`` > 0 (with ``hardest``): the first training steps use Eq. (12), all negatives,
+    then Eq. (13). From scratch, the hardest negative of a random model is an arbitrary pair and the
+    hinge on it alone gives a weak, noisy signal (VSE++ reports slow starts); summing over all
+    negatives first gets the encoders going. The step count is a buffer, so it survives resume.
+    """
+
+    def __init__(self, margin: float, hardest: bool, reduction: str, warmup_steps: int = 0):
         super().__init__()
         self.rank = HingeRankingLoss(margin, hardest, reduction, score_key="scores")
+        self.all_negatives = HingeRankingLoss(margin, False, reduction, score_key="scores")
+        self.warmup_steps = warmup_steps if hardest else 0
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.rank(outputs, batch)
+        warm = self.training and int(self.steps) < self.warmup_steps
+        if self.training:
+            self.steps += 1
+        return (self.all_negatives if warm else self.rank)(outputs, batch)
 
 
 @RECIPES.register("rdan")
@@ -176,7 +190,8 @@ class RDANRecipe(Recipe):
         )
 
     def build_loss(self) -> nn.Module:
-        return RDANLoss(self.cfg.rdan.margin, effective(self.cfg)["hardest"], self.cfg.rdan.loss_reduction)
+        r = self.cfg.rdan
+        return RDANLoss(r.margin, effective(self.cfg)["hardest"], r.loss_reduction, r.hardest_warmup_steps)
 
     def transform(self, train: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
         return RDANTransform(self.cfg, self.vocab, train)
@@ -193,13 +208,15 @@ class RDANRecipe(Recipe):
         """This rank's features, gathered: regions (N_i, k, D), packed words (W, D), lengths (N_c,),
         caption_image (N_c,), in a canonical order (images sorted by key) on every rank."""
         net: RDAN = unwrap(model)
+        # train.max_eval_samples caps the validation split only (scoring is quadratic in its size);
+        # a test split is always scored whole. The sample's json names its split.
         limit = self.cfg.train.max_eval_samples
         per_rank = -(-limit // ctx.world_size) if limit else 0
         v_all, w_all, len_all, cnt_all, keys = [], [], [], [], []
         autocast = ctx.autocast or _nullcontext
         for batch in batches:
-            if per_rank and len(keys) >= per_rank:
-                break
+            if per_rank and len(keys) >= per_rank and batch.get("split") == self.cfg.data.val_split:
+                continue  # drain the loader (its workers stop cleanly), score what was kept
             x = batch["regions"] if "regions" in batch else batch["images"]
             with autocast():
                 v = net.encode_images(x.to(ctx.device)).float()  # (B, k, D)

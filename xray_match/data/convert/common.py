@@ -27,6 +27,7 @@ import pickle
 import posixpath
 import re
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -36,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from xray_match.data.format import Manifest, ShardInfo, join, shard_name, write_manifest
-from xray_match.data.writer import load_or_new_manifest, write_shard, write_split
+from xray_match.data.writer import _complete, load_or_new_manifest, write_shard, write_split
 
 #: how many offending ids an error message or the manifest lists per kind of problem
 SHOW_IDS = 20
@@ -343,24 +344,27 @@ def box_problem(box: Sequence[float], width: int, height: int) -> str | None:
     return None
 
 
-def probe_images(paths: Sequence[str], workers: int, full_decode: bool, progress: bool, desc: str) -> list[tuple[int, int] | str]:
-    """Per path its (width, height), or the error text if it is unreadable (in a process pool)."""
-    out: list[tuple[int, int] | str] = []
-    jobs = [(p, full_decode) for p in paths]
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
-    if workers > 1 and len(paths) > 64:
-        from concurrent.futures import ProcessPoolExecutor
-
+def pool_map(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, progress: bool, desc: str) -> list[Any]:
+    """``[fn(j) for j in jobs]`` in a process pool (when there is enough work), with a progress bar.
+    ``fn`` must be a picklable top-level function."""
+    out: list[Any] = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
+    if workers > 1 and len(jobs) > 64:
         with ProcessPoolExecutor(workers) as pool:
-            for r in pool.map(_probe_one, jobs, chunksize=64):
+            for r in pool.map(fn, jobs, chunksize=32):
                 out.append(r)
                 bar.update(1)
     else:
         for j in jobs:
-            out.append(_probe_one(j))
+            out.append(fn(j))
             bar.update(1)
     bar.close()
     return out
+
+
+def probe_images(paths: Sequence[str], workers: int, full_decode: bool, progress: bool, desc: str) -> list[tuple[int, int] | str]:
+    """Per path its (width, height), or the error text if it is unreadable."""
+    return pool_map(_probe_one, [(p, full_decode) for p in paths], workers, progress, desc)
 
 
 def _probe_one(job: tuple[str, bool]) -> tuple[int, int] | str:
@@ -462,14 +466,6 @@ def _ray_shard_task(path: str, records: list[dict[str, Any]], build: Callable[[d
     return write_shard(path, (build(r) for r in records))
 
 
-def _shard_complete(root: str, entry: ShardInfo) -> bool:
-    fs, p = fsspec.core.url_to_fs(join(root, entry.name))
-    try:
-        return fs.size(p) == entry.bytes
-    except FileNotFoundError:
-        return False
-
-
 @dataclass
 class SplitPlan:
     records: list[dict[str, Any]]
@@ -490,6 +486,9 @@ def write_plans(
     skipped = problems.resolve(opts.skip_bad)  # raises before anything is written
     if not plans:
         raise ConversionError(f"{dataset}: no split to write (splits asked for: {', '.join(opts.splits) or 'all'})")
+    unknown = [s for s in opts.splits if s not in plans]
+    if unknown:
+        raise ConversionError(f"{dataset}: no split {', '.join(map(repr, unknown))} in this input (have: {', '.join(plans)})")
     for split, plan in plans.items():
         if not plan.records:
             raise ConversionError(f"{dataset}: split {split!r} has no images left to write")
@@ -519,6 +518,10 @@ def write_plans(
             **({"stats": dict(sorted(plan.stats.items()))} if plan.stats else {}),
         }
     convert_info = {**info, "version": CONVERTER_VERSION, "splits": per_split}
+    # problems not tied to an output split (e.g. a malformed line of a caption file)
+    outside = {k: v for k, v in skipped.items() if k not in plans}
+    if outside:
+        convert_info["skipped_outside_splits"] = outside
     # Invalidate every changed split before writing any: a crash later must not leave a split
     # whose recorded fingerprint matches shards written from other inputs.
     for split in changed:
@@ -548,7 +551,8 @@ def write_records(
     fd, tmp = tempfile.mkstemp(prefix="xray-records-", suffix=".pkl")
     try:
         with os.fdopen(fd, "wb") as fh:
-            pickle.dump(records, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            if opts.workers > 1:  # in-process writing uses the cache alone
+                pickle.dump(records, fh, protocol=pickle.HIGHEST_PROTOCOL)
         # forked pool workers inherit this cache and never read the file
         _RECORD_CACHE.clear()
         _RECORD_CACHE[tmp] = records
@@ -582,7 +586,7 @@ def _write_records_ray(
         manifest.info.setdefault("splits", {})[split] = spec
         manifest.info.update(info)
         manifest.dataset = dataset
-        done = {s.name: s for s in manifest.splits.get(split, []) if _shard_complete(root, s)}
+        done = {s.name: s for s in manifest.splits.get(split, []) if _complete(root, s)}
         manifest.splits[split] = sorted(done.values(), key=lambda s: s.name)
         write_manifest(root, manifest)
 
@@ -602,7 +606,7 @@ def _write_records_ray(
             for ref in ready:
                 name = pending.pop(ref)
                 entry: ShardInfo = ray.get(ref)
-                if not _shard_complete(root, entry):
+                if not _complete(root, entry):
                     raise ConversionError(
                         f"{join(root, name)}: written by a Ray task but not visible from the driver; with --ray the "
                         f"output must be storage every node shares (an s3:// or gs:// URL, or a shared file system)"
@@ -703,6 +707,7 @@ def karpathy_records(
             file = image_path(im)
             folder, name = posixpath.split(file) if "://" in file else os.path.split(file)
             if folder not in folders:
+                require_dir(folder, f"the image folder named by the filepath/filename of images in {path}")
                 folders[folder] = list_names(folder)
             key = safe_key(ident)
             if key in seen:

@@ -30,10 +30,7 @@ Readings chosen (documented in docs/data.md):
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from xray_match.data.convert.common import (
     ConversionError,
@@ -45,6 +42,7 @@ from xray_match.data.convert.common import (
     image_size,
     list_names,
     options_info,
+    pool_map,
     read_bytes,
     read_lines,
     require_dir,
@@ -235,19 +233,7 @@ def convert_entities(
             jobs.append((fid, split, join(ann_dir, f"{fid}.xml"), join(sen_dir, f"{fid}.txt"), join(images, f"{fid}.jpg"),
                          opts.captions_per_image, opts.verify_images))
         plan = SplitPlan([])
-        bar = tqdm(total=len(jobs), desc=f"{DATASET}/{split} plan", unit="img", disable=not opts.progress)
-        results = []
-        if opts.workers > 1 and len(jobs) > 64:
-            with ProcessPoolExecutor(opts.workers) as pool:
-                for r in pool.map(_plan_one, jobs, chunksize=32):
-                    results.append(r)
-                    bar.update(1)
-        else:
-            for j in jobs:
-                results.append(_plan_one(j))
-                bar.update(1)
-        bar.close()
-        for record, probs, stats in results:
+        for record, probs, stats in pool_map(_plan_one, jobs, opts.workers, opts.progress, f"{DATASET}/{split} plan"):
             for kind, ident, detail in probs:
                 problems.add(split, kind, ident, detail)
             for k, v in stats.items():

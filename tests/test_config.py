@@ -1,0 +1,61 @@
+import pytest
+
+from xray_match.config import Config, ConfigError, load_config, preset_names, resolve_queue_size
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_overrides_are_typed():
+    cfg = load_config("moco_cpu", ["optim.lr=3e-4", "data.batch_size=16", "moco.sampler=queue", "moco.queue_size=64",
+                                   "moco.teacher_hidden=[128, 64]", "data.hflip=true"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 16 and cfg.moco.teacher_hidden == [128, 64] and cfg.data.hflip is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'"),
+        ("nope.lr=1", "unknown key 'nope'"),
+        ("optim.lr=abc", "optim.lr: expected a number"),
+        ("data.batch_size=2.5", "data.batch_size: expected an integer"),
+        ("data.hflip=yes please", "data.hflip: expected true/false"),
+        ("optim.lr=-1", "optim.lr: -1.0 is out of range"),
+        ("moco.gaze_prob=1.5", "moco.gaze_prob: 1.5 is out of range"),
+        ("moco.sampler=random", "moco.sampler: 'random' is not one of"),
+        ("model.name=clip", "model.name: unknown model 'clip'"),
+        ("optim.lr", "not of the form key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config("moco_cpu", [override])
+
+
+def test_queue_not_divisible_by_global_batch_is_a_config_error():
+    with pytest.raises(ConfigError, match="moco.queue_size: 100 is not divisible by the global batch 64"):
+        load_config("moco_cpu", ["moco.sampler=queue", "moco.queue_size=100", "data.batch_size=32", "ray.num_workers=2"])
+    cfg = load_config("moco_cpu", ["moco.sampler=queue", "moco.queue_size=128", "data.batch_size=32", "ray.num_workers=2"])
+    assert resolve_queue_size(cfg, 10_000) == 128
+
+
+def test_queue_fraction_of_the_data_set():
+    cfg = load_config("moco_cpu", ["moco.sampler=queue", "moco.queue_fraction=0.3", "data.batch_size=32", "ray.num_workers=2"])
+    assert resolve_queue_size(cfg, 1000) == 256  # 300 rounded down to a multiple of 64
+    assert resolve_queue_size(cfg, 100) == 64  # at least one global batch
+
+
+def test_unknown_key_in_a_preset_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  lr: 0.1\n  betas: [0.9]\n")
+    with pytest.raises(ConfigError, match="unknown key 'optim.betas' in .*bad.yaml"):
+        load_config(str(p))
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="preset 'nope' not found"):
+        load_config("nope")

@@ -1,0 +1,221 @@
+"""Shard format, writers, digit scenes, streaming reader and verify — on real tar files."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from xray_match.data.digit_scenes import SceneSpec, build_digit_scenes, gaze_map, relation, render_scene
+from xray_match.data.format import FORMAT_VERSION, ShardFormatError, read_manifest
+from xray_match.data.reader import ShardStream, make_loader, shard_urls
+from xray_match.data.verify import verify
+from xray_match.data.writer import write_split
+
+
+def keys_of(ds, num_workers=0):
+    loader = DataLoader(ds, batch_size=None, num_workers=num_workers)
+    return [s["key"] for s in loader]
+
+
+# ----------------------------------------------------------------------------- digit scenes
+
+
+def test_digit_scene_content_and_determinism():
+    a, b = render_scene("train", 7, SceneSpec(seed=3)), render_scene("train", 7, SceneSpec(seed=3))
+    assert a["png"] == b["png"] and a["json"] == b["json"]
+    assert render_scene("train", 7, SceneSpec(seed=4))["png"] != a["png"]
+    for i in range(30):
+        meta = render_scene("val", i, SceneSpec())["json"]
+        assert 1 <= len(meta["objects"]) <= 4 and len(meta["captions"]) == 5
+        for caption, links in zip(meta["captions"], meta["phrases"]):
+            for link in links:
+                ob = meta["objects"][link["object"]]
+                assert caption[link["start"] : link["end"]] == link["text"]
+                assert ob["label"] in link["text"]
+        for ob in meta["objects"]:
+            x0, y0, x1, y1 = ob["box"]
+            assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+            assert 54000 <= ob["mnist_index"] < 60000  # val digits: the tail of MNIST-train
+    test_meta = render_scene("test", 0, SceneSpec())["json"]
+    assert test_meta["source"] == "mnist-test"
+
+
+def test_relations_and_gaze_map():
+    assert relation([0, 0, 10, 10], [30, 0, 40, 10]) == "left of"
+    assert relation([0, 30, 10, 40], [0, 0, 10, 10]) == "below"
+    g = gaze_map([[10, 10, 20, 20]], 32)
+    assert g.max() >= 240 and np.unravel_index(g.argmax(), g.shape) in {(14, 14), (14, 15), (15, 14), (15, 15)}
+    assert g[0, 31] < 5
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def test_round_trip_and_manifest(tiny_scenes):
+    m = read_manifest(tiny_scenes)
+    assert m.format_version == FORMAT_VERSION and m.count("train") == 240 and len(m.shards("train")) == 8
+    sample = next(iter(ShardStream(shard_urls(tiny_scenes, "val"), train=False)))
+    ref = render_scene("val", 0, SceneSpec(size=64, seed=0))
+    assert sample["key"] == ref["__key__"] and sample["meta"] == ref["json"]
+    assert np.array_equal(np.asarray(sample["image"]), np.asarray(Image.open(io.BytesIO(ref["png"])).convert("RGB")))
+    assert sample["saliency"].size == (64, 64)
+
+
+def test_rerun_keeps_complete_shards(tmp_path):
+    root = str(tmp_path / "ds")
+    build_digit_scenes(root, train=40, val=10, test=10, maxcount=10, workers=1, progress=False)
+    first = tmp_path / "ds" / "train-000000.tar"
+    before = first.stat().st_mtime_ns
+    os.remove(tmp_path / "ds" / "train-000003.tar")  # a lost shard is rewritten, the rest kept
+    build_digit_scenes(root, train=40, val=10, test=10, maxcount=10, workers=1, progress=False)
+    assert first.stat().st_mtime_ns == before
+    assert (tmp_path / "ds" / "train-000003.tar").exists() and read_manifest(root).count("train") == 40
+    assert verify(root, progress=False) == []
+
+
+KILLER = """
+import os, sys
+from xray_match.data.digit_scenes import SceneSpec, render_scene
+from xray_match.data.writer import write_split
+def make(i):
+    if i == 25:
+        os._exit(9)  # killed mid-shard
+    return render_scene("train", i, SceneSpec())
+write_split(sys.argv[1], "digit-scenes", "train", 40, make, maxcount=10, workers=1, progress=False)
+"""
+
+
+def test_writer_killed_mid_shard_leaves_no_partial_shard_in_manifest(tmp_path):
+    root = str(tmp_path / "ds")
+    proc = subprocess.run([sys.executable, "-c", KILLER, root], capture_output=True)
+    assert proc.returncode == 9
+    m = read_manifest(root)
+    assert [s.name for s in m.shards("train")] == ["train-000000.tar", "train-000001.tar"]
+    assert not (tmp_path / "ds" / "train-000002.tar").exists()  # only a temp file, never renamed
+    write_split(root, "digit-scenes", "train", 40, lambda i: render_scene("train", i, SceneSpec()), maxcount=10,
+                progress=False)
+    assert read_manifest(root).count("train") == 40 and verify(root, progress=False) == []
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+@pytest.mark.parametrize("world, workers", [(2, 2), (3, 1), (4, 3)])
+def test_eval_covers_every_sample_exactly_once(tiny_scenes, world, workers):
+    urls = shard_urls(tiny_scenes, "train")  # 8 shards: (4, 3) needs the sample-level split
+    seen = []
+    for rank in range(world):
+        part = keys_of(ShardStream(urls, train=False, rank=rank, world_size=world), workers)
+        seen.append(set(part))
+        assert len(part) == len(set(part))
+    assert sum(len(s) for s in seen) == 240 and len(set().union(*seen)) == 240
+
+
+def test_train_streams_are_disjoint_per_rank_and_worker_and_endless(tiny_scenes):
+    urls = shard_urls(tiny_scenes, "train")
+    parts = []
+    for rank in range(2):
+        ds = ShardStream(urls, train=True, rank=rank, world_size=2, shuffle_buffer=20, seed=1)
+        loader = DataLoader(ds, batch_size=None, num_workers=2)
+        it = iter(loader)
+        parts.append({next(it)["key"] for _ in range(300)})  # > this rank's 120 samples: endless
+    assert parts[0].isdisjoint(parts[1]) and len(parts[0] | parts[1]) == 240
+
+
+def test_make_loader_batches(tiny_scenes):
+    loader = make_loader(tiny_scenes, "val", None, None, batch_size=16, train=False, num_workers=2)
+    batches = list(loader)
+    assert sum(len(b) for b in batches) == 60
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+def _copy_with(tiny, tmp_path, split, mutate):
+    """Copy the data set and rewrite one sample of the first ``split`` shard with ``mutate``."""
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(tiny, root)
+    shard = root / f"{split}-000000.tar"
+    members = []
+    with tarfile.open(shard) as tf:
+        for m in tf.getmembers():
+            members.append((m, tf.extractfile(m).read()))
+    key = members[0][0].name.split(".")[0]
+    with tarfile.open(shard, "w") as tf:
+        for m, data in members:
+            if m.name.startswith(key + "."):
+                data = mutate(m.name[len(key) + 1 :], data)
+                if data is None:
+                    continue
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    return str(root), key
+
+
+def _meta_edit(fn):
+    def mutate(ext, data):
+        if ext != "json":
+            return data
+        meta = json.loads(data)
+        fn(meta)
+        return json.dumps(meta).encode()
+
+    return mutate
+
+
+CORRUPTIONS = {
+    "undecodable image": (lambda ext, d: d[:40] if ext == "png" else d, "undecodable image"),
+    "missing caption": (_meta_edit(lambda m: m.update(captions=[])), "captions is missing or empty"),
+    "box outside": (_meta_edit(lambda m: m["objects"][0].update(box=[10, 10, 70, 20])), "outside the 64x64 image"),
+    "unknown version": (_meta_edit(lambda m: m.update(format_version=99)), "format_version 99 is not supported"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_verify_names_shard_and_key(tiny_scenes, tmp_path, name):
+    mutate, message = CORRUPTIONS[name]
+    root, key = _copy_with(tiny_scenes, tmp_path, "val", mutate)
+    problems = verify(root, checksums=False, progress=False)
+    assert any("val-000000.tar" in p and key in p and message in p for p in problems), problems
+    from xray_match.cli import main
+
+    assert main(["data", "verify", root, "--no-progress"]) == 1
+
+
+def test_verify_truncated_tar_and_unknown_manifest_version(tiny_scenes, tmp_path):
+    import shutil
+
+    root = tmp_path / "trunc"
+    shutil.copytree(tiny_scenes, root)
+    shard = root / "test-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: 5000])
+    problems = verify(str(root), progress=False)
+    assert any("test-000001.tar" in p and "unreadable tar" in p for p in problems)
+    assert any("test-000001.tar" in p and "sha256" in p for p in problems)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert "format_version 2 is not supported" in verify(str(root), progress=False)[0]
+
+
+def test_training_on_corrupt_input_errors_or_skips_and_counts(tiny_scenes, tmp_path):
+    root, key = _copy_with(tiny_scenes, tmp_path, "train", CORRUPTIONS["undecodable image"][0])
+    urls = shard_urls(root, "train")
+    with pytest.raises(ShardFormatError, match=f"train-000000.tar: key '{key}': undecodable image"):
+        keys_of(ShardStream(urls, lambda s: {"key": s["key"]}, train=False))
+    items = list(ShardStream(urls, lambda s: {"key": s["key"]}, train=False, skip_corrupt=True))
+    assert len(items) == 239 and sum(it.get("_skipped", 0) for it in items) == 1
+    loader = make_loader(root, "train", lambda s: {"x": torch.zeros(1)}, torch.utils.data.default_collate,
+                         batch_size=30, train=False, skip_corrupt=True, num_workers=2)
+    batches = list(loader)
+    assert sum(int(b["_skipped"]) for b in batches) == 1 and sum(len(b["x"]) for b in batches) == 239

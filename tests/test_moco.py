@@ -1,0 +1,138 @@
+"""Intermodal contrastive method: Eq. (1), the three samplers, gaze Eq. (2), the model."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xray_match.losses.contrastive import InfoNCELoss, info_nce
+from xray_match.recipes.moco import gaze
+from xray_match.samplers.negatives import BatchNegatives, QueueNegatives, RerankNegatives
+
+
+def test_info_nce_eq1_hand_computed():
+    # q.k = [0.5 (positive), 0.1, -0.2], tau = 0.5 -> scaled [1.0, 0.2, -0.4]
+    # L = -log(e^1 / (e^1 + e^0.2 + e^-0.4)) = log(1 + e^-0.8 + e^-1.4) = log(1.6959260) = 0.528229
+    loss, acc = info_nce(torch.tensor([[0.5, 0.1, -0.2]]), temperature=0.5)
+    assert loss.item() == pytest.approx(0.528229, abs=1e-5)
+    assert acc.item() == 1.0
+    # a masked negative (-inf) drops out of the sum: log(1 + e^-0.8) = 0.371101
+    loss, _ = info_nce(torch.tensor([[0.5, 0.1, float("-inf")]]), temperature=0.5)
+    assert loss.item() == pytest.approx(0.371101, abs=1e-5)
+
+
+def test_batch_negatives_both_directions_and_same_image_masked():
+    img = torch.eye(3)
+    txt = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
+    ids = torch.tensor([10, 11, 10])  # items 0 and 2 show the same image
+    i2t, t2i = BatchNegatives().logits({"image_emb": img, "text_emb": txt}, ids)
+    # row 1: positive img1.txt1 = 0; negatives txt0 (0), txt2 (1)
+    assert i2t[1].tolist() == [0.0, 0.0, 1.0]
+    # row 0: positive 1; negatives txt1 (0) and txt2 (masked: same image)
+    assert i2t[0, 0] == 1.0 and i2t[0, 1] == 0.0 and i2t[0, 2] == float("-inf")
+    assert t2i.shape == (3, 3) and t2i[2, 0] == 0.0  # txt2 . img2 = 0 is its positive
+
+
+def _keys(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_queue_is_fifo_and_masks_empty_and_same_image_slots():
+    q = QueueNegatives(size=4, dim=2)
+    a, b, c = _keys([1, 0], [0, 1]), _keys([1, 1], [1, -1]), _keys([-1, 0], [0, -1])
+    q.update({"image_key": a, "text_key": a}, torch.tensor([1, 2]))
+    assert q.queue_ids.tolist() == [1, 2, -1, -1] and int(q.ptr) == 2
+    q.update({"image_key": b, "text_key": b}, torch.tensor([3, 4]))
+    q.update({"image_key": c, "text_key": c}, torch.tensor([5, 6]))  # the oldest batch (a) goes
+    assert q.queue_ids.tolist() == [5, 6, 3, 4] and int(q.ptr) == 2 and int(q.filled) == 4
+    assert torch.allclose(q.text_queue[:2], c) and torch.allclose(q.text_queue[2:], b)
+    fresh = QueueNegatives(size=4, dim=2)
+    fresh.update({"image_key": a, "text_key": a}, torch.tensor([1, 2]))
+    out = {"image_emb": _keys([1, 0]), "text_emb": _keys([0, 1]), "image_key": _keys([0, 1]), "text_key": _keys([1, 0])}
+    i2t, _ = fresh.logits(out, torch.tensor([2]))
+    # positive q.k+ = 1; slot 0 (id 1) = 1.0; slot 1 is the same image (id 2), slots 2-3 empty
+    assert i2t[0].tolist() == [1.0, 1.0, float("-inf"), float("-inf"), float("-inf")]
+
+
+def test_queue_size_must_be_a_multiple_of_the_global_batch():
+    with pytest.raises(ValueError, match="not a multiple"):
+        QueueNegatives(size=5, dim=2).update({"image_key": _keys([1, 0], [0, 1]), "text_key": _keys([1, 0], [0, 1])},
+                                             torch.tensor([1, 2]))
+
+
+def test_rerank_keeps_the_top_n_hardest():
+    r = RerankNegatives(size=4, dim=2, top_n=2)
+    bank = _keys([1, 0], [0.8, 0.6], [0, 1], [-1, 0])
+    r.update({"image_key": bank, "text_key": bank}, torch.tensor([1, 2, 3, 4]))
+    q = _keys([1, 0])
+    out = {"image_emb": q, "text_emb": q, "image_key": q, "text_key": _keys([0.6, 0.8])}
+    i2t, _ = r.logits(out, torch.tensor([1]))  # id 1 is the query's own image: masked
+    # scores vs bank: [1.0 (masked), 0.8, 0.0, -1.0] -> the 2 hardest are 0.8 and 0.0
+    assert i2t.shape == (1, 3)
+    assert i2t[0].tolist() == pytest.approx([0.6, 0.8, 0.0])
+
+
+def test_momentum_update_formula():
+    from xray_match.models.moco import Branch, Teacher
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image = Branch(torch.nn.Identity(), Teacher(2, [], 2))
+            self.text = Branch(torch.nn.Identity(), Teacher(2, [], 2))
+            import copy
+
+            self.image_key, self.text_key = copy.deepcopy(self.image), copy.deepcopy(self.text)
+
+    from xray_match.models.moco import IntermodalModel
+
+    m = Tiny()
+    for p in m.image.parameters():
+        p.data.fill_(1.0)
+    for p in m.image_key.parameters():
+        p.data.fill_(0.0)
+    IntermodalModel.momentum_update(m, 0.9)  # key <- 0.9 * 0 + 0.1 * 1
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in m.image_key.parameters())
+
+
+def test_gaze_eq2_multiplies_every_channel():
+    img = torch.stack([torch.full((2, 2), 1.0), torch.full((2, 2), 2.0), torch.full((2, 2), 3.0)])
+    sal = torch.tensor([[[0.0, 0.5], [1.0, 0.25]]])
+    out = gaze(img, sal)
+    assert out[1].tolist() == [[0.0, 1.0], [2.0, 0.5]] and out[2, 1, 1].item() == 0.75
+
+
+def test_symmetric_loss_and_paper_metrics():
+    loss = InfoNCELoss(BatchNegatives(), temperature=1.0)
+    e = torch.eye(2)
+    out = loss({"image_emb": e, "text_emb": e}, {"image_id": torch.tensor([1, 2])})
+    # each row: positive 1, one negative 0 -> log(1 + e^-1) = 0.313262 in both directions
+    assert out["nce_loss"].item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    assert out["acc"].item() == 1.0 and out["avg_similarity"].item() == 1.0
+
+
+def test_model_forward_and_inference(tiny_scenes):
+    from xray_match.config import load_config
+    from xray_match.data.reader import make_loader
+    from xray_match.registry import RECIPES
+    from xray_match.train.recipe import DataInfo
+
+    cfg = load_config("moco_cpu", ["moco.sampler=queue", "moco.queue_size=64", "data.batch_size=8", "ray.num_workers=1"])
+    recipe = RECIPES.get("moco")(cfg, DataInfo(tiny_scenes, "digit-scenes", {"train": 240}))
+    model, loss = recipe.build_model(), recipe.build_loss()
+    batch = next(iter(make_loader(tiny_scenes, "train", recipe.transform(True), recipe.collate, batch_size=8,
+                                  train=True, num_workers=0)))
+    out = model(batch)
+    assert out["image_emb"].shape == (8, 100) and out["text_key"].shape == (8, 100)
+    assert torch.allclose(out["image_emb"].norm(dim=1), torch.ones(8), atol=1e-5)
+    losses = loss(out, batch)
+    losses["nce_loss"].backward()
+    assert model.tokens.transformer.embeddings.word_embeddings.weight.grad is None  # frozen
+    assert model.text.student.lstm.weight_ih_l0.grad is not None
+    inf = recipe.inference(model)
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    ranked = inf.rank_images("a red seven", imgs)
+    assert sorted(i for i, _ in ranked) == [0, 1]

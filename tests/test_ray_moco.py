@@ -1,0 +1,74 @@
+"""The main job end to end on a real local Ray cluster and a real MLflow store (sqlite)."""
+
+import os
+
+import pytest
+import torch
+
+from xray_match.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def _cfg(tiny_scenes, tmp_path, mlflow_uri, *extra):
+    return load_config("moco_cpu", [
+        f"data.path={tiny_scenes}", "data.steps_per_epoch=3", "data.batch_size=16", "data.eval_batch_size=32",
+        f"ray.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1",
+        "moco.teacher_hidden=[128]", "moco.lstm_hidden=128", *extra,
+    ])
+
+
+def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
+    from mlflow import MlflowClient
+
+    from xray_match.train.worker import load_checkpoint_dir, run_training
+
+    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "ray.name=resume-me", "train.epochs=1", "moco.sampler=queue",
+               "moco.queue_size=64")
+    first = run_training(cfg, register=False)
+    assert first["metrics"]["epoch"] == 1.0 and first["metrics"]["val/images"] == 60.0
+    state = load_checkpoint_dir(first["checkpoint"])
+    assert state["loop"]["step"] == 3 and int(state["loss"]["sampler.filled"]) == 64  # 3 global batches of 32
+    # the same run name again with 2 epochs: resumes from the stored checkpoint, trains epoch 2 only
+    second = run_training(cfg.with_overrides(["train.epochs=2"]), register=False)
+    state = load_checkpoint_dir(second["checkpoint"])
+    assert second["metrics"]["epoch"] == 2.0 and state["loop"]["step"] == 6 and len(state["loop"]["history"]) == 2
+    assert set(state) >= {"model", "optimizer", "scheduler", "loss", "rng", "loop", "config"}
+    client = MlflowClient(mlflow_uri)
+    hist = client.get_metric_history(first["run_id"], "val/rsum")
+    assert [m.step for m in hist] == [1]
+    assert client.get_run(first["run_id"]).data.params["moco.sampler"] == "queue"
+    arts = [a.path for a in client.list_artifacts(first["run_id"])]
+    assert "config.yaml" in arts and "git_sha.txt" in arts and "figures" in arts
+
+
+def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
+    from mlflow import MlflowClient
+
+    import xray_match
+    from xray_match.tracking.registry import ModelLookupError, load_checkpoint
+    from xray_match.tune.tuner import run_tune
+
+    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.num_samples=2", "tune.time_budget_s=400",
+               "ray.name=study")
+    out = run_tune(cfg, "moco")
+    assert out["trials"] == 2 and out["model_version"] == 1
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version_by_alias("xray-match-moco", "champion")
+    assert str(version.version) == "1" and version.tags["metric"] == "val/rsum" and version.tags["dataset"] == "digit-scenes"
+    children = client.search_runs([client.get_run(out["parent_run_id"]).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert len(children) == 2 and all(c.data.metrics.get("val/rsum") is not None for c in children)
+
+    model = xray_match.load_model("models:/xray-match-moco@champion", tracking_uri=mlflow_uri)
+    direct = load_checkpoint(out["best_checkpoint"])
+    texts = ["a red seven left of a blue two", "three digits"]
+    assert torch.allclose(model.encode_texts(texts), direct.encode_texts(texts), atol=1e-6)
+    from PIL import Image
+
+    imgs = [Image.new("RGB", (64, 64), "red")]
+    assert torch.allclose(model.encode_images(imgs), direct.encode_images(imgs), atol=1e-6)
+    with pytest.raises(ModelLookupError, match="has no alias 'nope'"):
+        xray_match.load_model("models:/xray-match-moco@nope", tracking_uri=mlflow_uri)
+    with pytest.raises(ModelLookupError, match="no registered model 'missing'"):
+        xray_match.load_model("models:/missing@champion", tracking_uri=mlflow_uri)
