@@ -87,3 +87,15 @@ def test_gradients_and_bf16_autocast():
 def test_bad_sizes_are_named():
     with pytest.raises(ValueError, match="last dimension is 4, expected 5"):
         CountSketch(5, 8)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("d", [16, 33])
+def test_fused_linear_equals_mcb_then_linear(d):
+    torch.manual_seed(2)
+    mcb = CompactBilinearPooling(6, 4, d, seed=5)
+    w = torch.randn(3, d)
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 4)  # 2 queries, 5 pixels each
+    a = mcb.fused_linear(y, w)  # (2, 6, 3)
+    assert a.shape == (2, 6, 3)
+    reference = mcb(x, y[:, None, :]) @ w.T  # the literal path: sketch, FFT, product, iFFT, linear
+    assert torch.allclose(torch.bmm(x, a), reference, atol=1e-4)

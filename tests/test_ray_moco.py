@@ -68,6 +68,19 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
 
     imgs = [Image.new("RGB", (64, 64), "red")]
     assert torch.allclose(model.encode_images(imgs), direct.encode_images(imgs), atol=1e-6)
+    # the CLI ranks a folder of images for a caption, and captions for an image
+    from xray_match.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / name)
+    assert main(["search", "--model", "models:/xray-match-moco@champion", "--tracking-uri", mlflow_uri,
+                 "--text", "a red seven", "--images", str(folder)]) == 0
+    assert main(["search", "--model", "models:/xray-match-moco@champion", "--tracking-uri", mlflow_uri,
+                 "--image", str(folder / "a.png"), "--text", "a red seven", "--text", "a blue two"]) == 0
+    assert main(["search", "--model", "models:/xray-match-moco@nope", "--tracking-uri", mlflow_uri,
+                 "--text", "x", "--images", str(folder)]) == 2
     with pytest.raises(ModelLookupError, match="has no alias 'nope'"):
         xray_match.load_model("models:/xray-match-moco@nope", tracking_uri=mlflow_uri)
     with pytest.raises(ModelLookupError, match="no registered model 'missing'"):

@@ -53,6 +53,12 @@ def test_vocab_reads_only_the_train_split(tmp_path):
     vocab = Vocab.from_dict(RDANRecipe.prepare(cfg, root)["vocab"])
     assert vocab.source == "train" and set(vocab.words[2:]) == {"a", "red", "seven"}
     assert vocab.encode("a giraffe seven") == [vocab.index["a"], UNK_ID, vocab.index["seven"]]
+    # features without pixels (converted SCAN data) cannot feed the grid CNN: refused up front
+    nopix = str(tmp_path / "nopix")
+    write_samples(nopix, "toy", "train", [sample("train", 0, "a red seven")], info={"convert": {"pixels": False}},
+                  progress=False)
+    with pytest.raises(ConfigError, match="region_source=precomputed"):
+        RDANRecipe.prepare(cfg, nopix)
 
 
 # ----------------------------------------------------------------------------- Eq. (1-4)
@@ -266,10 +272,10 @@ def test_chunked_all_pairs_equals_loop():
 
     torch.manual_seed(1)
     model = RDAN(RegionEncoder(8, 16), WordEncoder(30, 8, 16), relation_channels=4).eval()
-    v, lengths = torch.randn(7, 4, 16), torch.tensor([3, 1, 5, 5, 2, 4, 3, 1, 2])
-    e = torch.randn(9, 5, 16) * (torch.arange(5).view(1, -1) < lengths.view(-1, 1)).unsqueeze(-1)
-    loop = torch.tensor([[reference_pair(model, v[i], e[c, : lengths[c]]).item() for c in range(9)] for i in range(7)])
-    out = score_all_pairs(model.pair_scores, v, e, lengths, caption_block=2, cell_budget=64)
+    v, lengths = torch.randn(5, 4, 16), torch.tensor([3, 1, 5, 5, 2, 1])
+    e = torch.randn(6, 5, 16) * (torch.arange(5).view(1, -1) < lengths.view(-1, 1)).unsqueeze(-1)
+    loop = torch.tensor([[reference_pair(model, v[i], e[c, : lengths[c]]).item() for c in range(6)] for i in range(5)])
+    out = score_all_pairs(model.pair_scores, v, e, lengths, caption_block=2, cell_budget=80)
     torch.testing.assert_close(out, loop, rtol=1e-5, atol=1e-5)
 
 
@@ -331,6 +337,17 @@ def test_ranking_ignore_mask_and_rectangular_batches():
     assert t.item() == 0 and i.item() == 0
     with pytest.raises(ValueError, match="give caption_image"):
         hinge_hardest_negatives(s, 0.2)
+
+
+def test_hardest_warmup_uses_all_negatives_first():
+    from xray_match.recipes.rdan import RDANLoss
+
+    loss = RDANLoss(0.2, hardest=True, reduction="sum", warmup_steps=2)
+    values = [loss({"scores": L_HAND}, {})["rank_loss"].item() for _ in range(3)]
+    assert values == pytest.approx([1.45, 1.45, 1.05])  # Eq. (12) twice, then Eq. (13)
+    assert int(loss.state_dict()["steps"]) == 3
+    loss.eval()  # evaluation neither counts nor warms up
+    assert loss({"scores": L_HAND}, {})["rank_loss"].item() == pytest.approx(1.05) and int(loss.steps) == 3
 
 
 # ----------------------------------------------------------------------------- Table 3 switches

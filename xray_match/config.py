@@ -220,6 +220,7 @@ class GroundingConfig:
     mcb_dim: int = F(2048, ge=1, help="MCB output size d")
     head_hidden: int = F(512, ge=1, help="channels between the two 1x1 convolutions")
     mcb_seed: int = F(0, help="seed of the count-sketch hashes and signs")
+    mcb_fused: bool = F(True, help="MCB + first 1x1 conv by exact re-association (same numbers, no per-pixel FFT)")
     lambda_: float = F(0.1, ge=0, help="λ of Eq. (1): weight of the pair loss")
     beta: float = F(0.1, ge=0, help="β of Eq. (1): weight of the attention L2 regulariser")
     pair_margin: float = F(1.0, ge=0, le=2, help="m of Eq. (2) on L2-normalised features")

@@ -1,6 +1,5 @@
-"""Shard format, writers, the embedded digit-scenes data set and streaming readers."""
+"""Shard format (format.py), atomic writers (writer.py), the embedded digit-scenes data set
+(digit_scenes.py), converters of published data sets (convert/), streaming readers (reader.py).
 
-from xray_match.data.format import FORMAT_VERSION, Manifest, ShardFormatError, read_manifest
-from xray_match.data.reader import decode_sample, make_loader, shard_urls
-
-__all__ = ["FORMAT_VERSION", "Manifest", "ShardFormatError", "read_manifest", "decode_sample", "make_loader", "shard_urls"]
+Nothing is imported here: generator and converter processes should not pay for torch.
+"""

@@ -81,6 +81,26 @@ class CompactBilinearPooling(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.combine(self.spectrum_x(x), self.spectrum_y(y))
 
+    def fused_linear(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``A(y)`` (..., n1, k) with ``MCB(x, y) @ weight.T == x @ A(y)`` exactly, for every ``x``.
+
+        A linear map after MCB re-associates: with ``z = Ψ1(x) ⊛ Ψ2(y)`` (circular convolution),
+        ``z[m] = Σ_i s1(i) x_i Ψ2(y)[(m - h1(i)) mod d]``, hence
+        ``(W z)_o = Σ_i x_i · s1(i) · G[o, h1(i)]`` with ``G[o, p] = Σ_m W[o, m] Ψ2(y)[(m - p) mod d]``,
+        the circular cross-correlation of each row of ``W`` with ``Ψ2(y)``, computed by FFT as
+        ``irfft(rfft(W) ⊙ conj(rfft(Ψ2(y))))``. Per query this costs ``k · d log d`` once instead of
+        a d-point FFT pair per pixel, and never materialises the (..., H, W, d) tensor — the same
+        numbers (tests/test_mcb.py) at a fraction of the cost. ``y`` (..., n2), ``weight`` (k, d).
+        """
+        if weight.shape[-1] != self.d:
+            raise ValueError(f"fused_linear: weight has {weight.shape[-1]} inputs, MCB has d={self.d}")
+        fy = self.spectrum_y(y)  # (..., F)
+        with torch.autocast(device_type=fy.device.type, enabled=False):
+            fw = torch.fft.rfft(weight.float(), n=self.d, dim=-1)  # (k, F)
+            g = torch.fft.irfft(fw * fy.conj()[..., None, :], n=self.d, dim=-1)  # (..., k, d)
+            a = g[..., self.sketch_x.h] * self.sketch_x.s  # (..., k, n1)
+        return a.transpose(-1, -2)  # (..., n1, k)
+
     def extra_repr(self) -> str:
         return f"n1={self.sketch_x.n}, n2={self.sketch_y.n}, d={self.d}"
 

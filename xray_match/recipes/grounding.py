@@ -143,7 +143,7 @@ def build_grounder(g: Any, backbone_state: dict[str, torch.Tensor] | None = None
     if backbone_state is not None:
         backbone.load_state_dict(backbone_state)
     return MCBGrounder(backbone, backbone.out_channels, LabelQuery(g.num_classes, g.query_dim), g.query_dim,
-                       g.num_classes, g.mcb_dim, g.head_hidden, g.mcb_seed)
+                       g.num_classes, g.mcb_dim, g.head_hidden, g.mcb_seed, g.mcb_fused)
 
 
 @RECIPES.register("grounding")
@@ -342,11 +342,13 @@ def _accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, autocast
     return 100.0 * hits / len(labels)
 
 
-def pretrain_backbone(cfg: Config, out: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def pretrain_backbone(cfg: Config, out: str | None = None, log: Callable[[str], None] = print,
+                      max_steps: int | None = None, eval_limit: int | None = None) -> dict[str, Any]:
     """Stage 1 (§3): the stride-1 ResNet-18 (``grounding.backbone_width``) + a linear classifier on
     single MNIST digits — MNIST-train 0..53999 to train, 54000..59999 to watch, MNIST-test to report
     (the paper: 99.40%). SGD with momentum and a cosine schedule; the multi-MNIST Gaussian noise as
-    augmentation. Saves ``{format, backbone, width, in_channels, val_acc, test_acc, ...}`` to ``out``."""
+    augmentation. Saves ``{format, backbone, width, in_channels, val_acc, test_acc, ...}`` to ``out``.
+    ``max_steps`` / ``eval_limit`` cut the run short (tests)."""
     from xray_match.data.mnist import load_mnist
     from xray_match.train.loop import autocast_for, seed_everything
 
@@ -356,16 +358,20 @@ def pretrain_backbone(cfg: Config, out: str | None = None, log: Callable[[str], 
     rng = np.random.default_rng(cfg.train.seed)
     images, labels = load_mnist("train")
     test_images, test_labels = load_mnist("test")
-    tr, va = slice(0, 54000), slice(54000, 60000)
+    tr, va = slice(0, 54000), slice(54000, 60000 if eval_limit is None else 54000 + eval_limit)
+    test_images, test_labels = test_images[:eval_limit], test_labels[:eval_limit]
     model = DigitClassifier(resnet18_stride1(g.backbone_width, IN_CHANNELS), g.num_classes)
     opt = torch.optim.SGD(model.parameters(), lr=g.pretrain_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = g.pretrain_epochs * math.ceil(54000 / g.pretrain_batch_size)
+    steps = min(steps, max_steps) if max_steps else steps
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=g.pretrain_lr, total_steps=steps, pct_start=0.15)
     autocast = autocast_for(cfg, torch.device("cpu"))
     t0, step = time.perf_counter(), 0
     for epoch in range(g.pretrain_epochs):
         model.train()
         for x, y in _digit_batches(images[tr], labels[tr], g.pretrain_batch_size, rng, g.data.noise_std):
+            if step >= steps:
+                break
             with autocast():
                 loss = nn.functional.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
