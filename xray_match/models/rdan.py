@@ -214,7 +214,6 @@ def cosine_all_pairs(v: torch.Tensor, e: torch.Tensor, v_norm: torch.Tensor | No
     return s.permute(0, 2, 1, 3)  # (B_i, B_c, k, n)
 
 
-
 class RDAN(nn.Module):
     """Image-text similarity F(I, T), Eq. (11), for every image against every caption of a batch.
 

@@ -304,6 +304,147 @@ def grounding_space(cfg: Config) -> dict[str, Any]:
             "grounding.pair_margin": tune.uniform(0.25, 1.75)}
 
 
+# ----------------------------------------------------------------------------- jobs: tables 1 and 2
+
+
+def job_argv(preset: str, argv: list[str], tune: bool) -> tuple[list[str], Config]:
+    """``argv`` with ``--data`` set to the multi-MNIST set the config describes (built on first use,
+    resumable) unless the caller passed ``--data``; and the merged config."""
+    from xray_match.launch import build_parser, config_from_args
+
+    args = build_parser("grounding", preset, tune).parse_args(argv)
+    cfg = config_from_args(args)
+    if args.data or args.print_config:
+        return list(argv), cfg
+    root = ensure_data(cfg)
+    return ["--data", root, *argv], cfg.with_overrides({"data.path": root})
+
+
+def evaluate_checkpoint(checkpoint: str, splits: Iterable[str], storage_path: str = "") -> dict[str, float]:
+    """Metrics of a training checkpoint (folder, local or remote) on each split, world size 1."""
+    from ray.train import Checkpoint
+
+    from xray_match.launch import evaluate_test
+
+    ckpt = Checkpoint(path=checkpoint)
+    if storage_path and "://" in storage_path and "://" not in checkpoint:
+        import pyarrow.fs
+
+        ckpt = Checkpoint(path=checkpoint, filesystem=pyarrow.fs.FileSystem.from_uri(storage_path)[0])
+    out: dict[str, float] = {}
+    with ckpt.as_directory() as d:
+        for split in splits:
+            out |= evaluate_test(None, d, split)  # type: ignore[arg-type] - the split is explicit
+    return out
+
+
+def study_trials(study_dir: str) -> list[dict[str, Any]]:
+    """Each trial of a Tune study folder: its sampled config (dotted keys), last metrics and
+    checkpoint path, read from the trials' ``result.json``."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(study_dir)
+    rows = []
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/*/result.json")):
+        with fs.open(path, "r") as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        if not lines:
+            continue
+        last = json.loads(lines[-1])
+        rows.append({"trial_id": last.get("trial_id", ""),
+                     "config": {k.replace("__", "."): v for k, v in last.get("config", {}).items()},
+                     "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                     "checkpoint": last.get("checkpoint_path")})
+    return rows
+
+
+def log_to_run(tracking_uri: str, run_id: str | None, metrics: dict[str, float], files: dict[str, str] | None = None) -> None:
+    """Metrics (and text files) onto an existing MLflow run (the job's run, or a study's parent)."""
+    if not run_id:
+        return
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in (files or {}).items():
+            with open(os.path.join(d, name), "w") as fh:
+                fh.write(text)
+            client.log_artifact(run_id, os.path.join(d, name), artifact_path="tables")
+
+
+def table2_markdown(metrics: dict[str, float]) -> str:
+    """Table 2 (precision at IoU 0.3 / 0.4 / 0.5 and their mean on the 3x3 and 2x2 grids) beside
+    the paper's, plus Avg IoU and the absent-query activation."""
+    paper = {"test_3x3": (83.40, 82.54, 60.03, 75.23), "test_2x2": (94.48, 96.22, 71.53, 87.41)}
+    lines = ["| group | IoU@0.3 | IoU@0.4 | IoU@0.5 | mean (mAP) | Avg IoU | absent / present activation |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for split, label in (("test_3x3", "3x3"), ("test_2x2", "2x2")):
+        if f"{split}/map" not in metrics:
+            continue
+        m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(split + "/")}
+        p = paper[split]
+        lines.append(f"| {label} (ours) | {m['prec_iou30']:.2f} | {m['prec_iou40']:.2f} | {m['prec_iou50']:.2f} | "
+                     f"{m['map']:.2f} | {m['avg_iou']:.2f} | {m.get('absent_act', 0):.3f} / {m['present_act']:.3f} |")
+        lines.append(f"| {label} (paper) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {p[3]:.2f} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def table1_markdown(rows: list[dict[str, Any]], metric: str = "test/avg_iou") -> str:
+    """Table 1 (Avg IoU per β and training schema) from :func:`study_trials` rows that carry
+    ``metric``, beside the paper's."""
+    paper = {"pretrained": (59.74, 60.84, 67.07, 36.37), "scratch": (57.90, 63.39, 66.40, 41.02)}
+    betas = (0.0, 0.05, 0.1, 0.2)
+    cell = {(r["config"].get("grounding.init"), float(r["config"].get("grounding.beta", -1))): r["metrics"].get(metric)
+            for r in rows}
+    lines = ["| model | " + " | ".join(f"β@{b:g}" for b in betas) + " |", "| --- |" + " --- |" * len(betas)]
+    for init, label in (("pretrained", "Fine-tune backbone"), ("scratch", "Train from scratch")):
+        ours = [cell.get((init, b)) for b in betas]
+        lines.append(f"| {label} (ours) | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ours) + " |")
+        lines.append(f"| {label} (paper) | " + " | ".join(f"{v:.2f}" for v in paper[init]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report_study(cfg: Config, out: dict[str, Any], paper_beta: float = 0.1) -> str:
+    """After ``tune_main``: every trial's final checkpoint on the test split (Table 1), and the
+    paper's configuration (β = ``paper_beta``, fine-tuned; else the best trial) on the 2x2 / 3x3
+    grids (Table 2). Writes ``tables.md`` / ``tables.json`` into the study folder, logs both to the
+    study's parent MLflow run, and returns the markdown."""
+    import fsspec
+
+    from xray_match.tracking.runs import resolve_tracking_uri
+
+    rows = [r for r in study_trials(out["storage"]) if r["checkpoint"]]
+    for r in rows:
+        r["metrics"] |= evaluate_checkpoint(r["checkpoint"], [cfg.data.test_split], cfg.ray.storage_path)
+    pick = [r for r in rows if r["config"].get("grounding.init", cfg.grounding.init) == "pretrained"
+            and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == paper_beta]
+    chosen = pick[0] if pick else next((r for r in rows if r["checkpoint"] == out.get("best_checkpoint")), None)
+    grids: dict[str, float] = {}
+    if chosen is not None:
+        grids = evaluate_checkpoint(chosen["checkpoint"], GRID_SPLITS, cfg.ray.storage_path)
+    text = ("## Table 1: Avg IoU on the test split\n\n" + table1_markdown(rows, f"{cfg.data.test_split}/avg_iou")
+            + f"\n## Table 2: trial {chosen['trial_id'] if chosen else '-'} "
+              f"({json.dumps(chosen['config']) if chosen else 'none'})\n\n" + table2_markdown(grids))
+    results = {"trials": [{k: r[k] for k in ("trial_id", "config", "metrics", "checkpoint")} for r in rows],
+               "table2_trial": chosen["trial_id"] if chosen else None, "grids": grids}
+    fs, root = fsspec.core.url_to_fs(out["storage"])
+    for name, body in (("tables.md", text), ("tables.json", json.dumps(results, indent=1))):
+        with fs.open(f"{root}/{name}", "w") as fh:
+            fh.write(body)
+    if cfg.tracking.enabled:
+        flat = {f"table1/{r['config'].get('grounding.init')}/beta{r['config'].get('grounding.beta')}":
+                r["metrics"].get(f"{cfg.data.test_split}/avg_iou", 0.0) for r in rows if "grounding.init" in r["config"]}
+        log_to_run(resolve_tracking_uri(cfg), out.get("parent_run_id"), flat | grids, {"tables.md": text})
+    return text
+
+
 # ----------------------------------------------------------------------------- stage 1
 
 
@@ -396,5 +537,6 @@ def pretrain_backbone(cfg: Config, out: str | None = None, log: Callable[[str], 
     return {k: v for k, v in result.items() if k not in ("backbone", "classifier")} | {"path": out}
 
 
-__all__ = ["GroundingRecipe", "GroundingTransform", "GroundingInference", "collate_queries", "build_grounder",
+__all__ = ["report_study", "job_argv", "evaluate_checkpoint", "study_trials", "table1_markdown", "table2_markdown",
+           "GroundingRecipe", "GroundingTransform", "GroundingInference", "collate_queries", "build_grounder",
            "pretrain_backbone", "load_backbone_checkpoint", "ensure_data", "default_data_path", "default_backbone_path"]

@@ -208,6 +208,6 @@ def moco_space(cfg: Config) -> dict[str, Any]:
         "moco.temperature": tune.loguniform(0.03, 0.3),
         "moco.momentum": tune.uniform(0.9, 0.999),
         "moco.gaze_prob": tune.choice([0.0, 0.3, 0.5, 0.7]),
-        "optim.lr": tune.loguniform(1e-3, 1e-1),
+        "optim.lr": tune.loguniform(2e-4, 3e-3) if cfg.optim.name == "adamw" else tune.loguniform(1e-3, 1e-1),
         "data.batch_size": tune.choice([16, 32, 48, 64]),
     }

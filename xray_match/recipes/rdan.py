@@ -27,7 +27,7 @@ from xray_match.metrics.xattn import score_all_pairs, score_all_pairs_distribute
 from xray_match.models.rdan import RDAN, build_rdan
 from xray_match.registry import RECIPES, SPACES
 from xray_match.text.vocab import Vocab, build_vocab, split_captions
-from xray_match.train.recipe import DataInfo, EvalContext, Recipe, unwrap
+from xray_match.train.recipe import EvalContext, Recipe, unwrap
 
 #: Table 3 rows by name -> the switches they set
 ABLATIONS: dict[str, dict[str, Any]] = {
