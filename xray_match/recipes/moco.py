@@ -121,7 +121,7 @@ class MocoRecipe(Recipe):
         imgs, txts, counts = [], [], []
         for batch in batches:
             batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with ctx.autocast() if ctx.autocast else _null():
+            with ctx.autocast():
                 imgs.append(net.encode_image(batch["image"]).float())
                 txts.append(net.encode_text(batch["input_ids"], batch["attention_mask"]).float())
             counts.append(torch.bincount(batch["caption_image"], minlength=batch["image"].shape[0]))
@@ -186,14 +186,6 @@ class MocoInference:
     def rank_texts(self, image, texts: list[str]) -> list[tuple[int, float]]:
         s = (self.encode_texts(texts) @ self.encode_images([image]).T).squeeze(1)
         return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @SPACES.register("moco")

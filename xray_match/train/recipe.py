@@ -19,6 +19,7 @@ A decoded ``Sample`` (see :func:`xray_match.data.reader.decode_sample`) is a dic
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
@@ -47,7 +48,7 @@ class EvalContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    autocast: Callable[[], Any] | None = None
+    autocast: Callable[[], Any] = contextlib.nullcontext  # bf16 on GPU; a no-op context on CPU
     out_dir: str | None = None  # where rank 0 may write PNGs to log as artifacts
     artifacts: list[str] = field(default_factory=list)
 

@@ -50,6 +50,25 @@ def check_space(cfg: Config, space: dict[str, Any]) -> None:
         raise ConfigError(f"search space: {e}") from None
 
 
+def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
+    """The preset's own values as the study's first trial (clipped into each domain), so a search
+    never does worse than the defaults it started from."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    flat = cfg.flat()
+    point: dict[str, Any] = {}
+    for k, dom in space.items():
+        v = flat[k]
+        if isinstance(dom, Categorical):
+            v = v if v in dom.categories else dom.categories[0]
+        elif isinstance(dom, (Float, Integer)):
+            v = min(max(v, dom.lower), dom.upper - (1 if isinstance(dom, Integer) else 0))
+        else:
+            return {}
+        point[k] = v
+    return point
+
+
 def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], tracking: dict[str, Any] | None,
            study: str) -> None:
     """One Tune trial: merge the sampled values, start a child MLflow run, fit a TorchTrainer."""
@@ -136,7 +155,10 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     if grid:
         search_alg, scheduler = None, FIFOScheduler()
     else:
-        search_alg = ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=cfg.tune.max_concurrent)
+        first = default_point(cfg, search_space)
+        search_alg = ConcurrencyLimiter(
+            OptunaSearch(seed=cfg.tune.seed, points_to_evaluate=[_encode(first)] if first else None),
+            max_concurrent=cfg.tune.max_concurrent)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs))
     trainable = tune.with_resources(
