@@ -314,6 +314,12 @@ def test_retrieval_recipe_on_tiny_shards(tiny_scenes):
     metrics = recipe.evaluate(model, val, EvalContext())
     assert metrics["images"] == 60 and metrics["captions"] == 300 and 0 <= metrics["rsum"] <= 600
     assert sentence_key("Two digits: a red one") == "two digits a red one"
+    # the registry's inference object: rank texts for an image with the training preprocessing
+    from xray_match.data.reader import decode_sample, iter_raw, shard_urls
+
+    sample = decode_sample(next(iter_raw(shard_urls(tiny_scenes, "test")[0])))
+    ranked = recipe.inference(model).rank_texts(sample["image"], sample["meta"]["captions"] + ["a cyan nine"])
+    assert sorted(i for i, _ in ranked) == list(range(6))
 
 
 def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
@@ -325,18 +331,20 @@ def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
 
     cfg = load_config("dspe_phrase_cpu", {"data.path": tiny_scenes, "dspe.text_features": "tfidf",
                                           "dspe.image_hidden": 32, "dspe.text_hidden": 32, "dspe.embed_dim": 16,
-                                          "data.eval_batch_size": 10, "data.num_workers": 0})
+                                          "data.eval_batch_size": 10, "data.num_workers": 0, "dspe.crop_size": 16,
+                                          "dspe.window_scales": [0.6], "dspe.jitter_per_box": 1})
     prepared = DSPEPhraseRecipe.prepare(cfg, tiny_scenes)
     info = DataInfo(tiny_scenes, "digit-scenes", {"train": 240, "val": 60, "test": 60}, prepared)
     recipe = DSPEPhraseRecipe(cfg, info)
     model = recipe.build_model().eval()
     path = str(tmp_path / "hard.json")
-    mined = mine_hard_negatives(model, cfg, info, path, max_images=12)
-    assert mined["stats"]["images"] == 12 and load_hard_negatives(path) == mined["boxes"]
+    mined = mine_hard_negatives(model, cfg, info, path, max_images=6)
+    assert mined["stats"]["images"] == 6 and load_hard_negatives(path) == mined["boxes"]
     # every mined box misses all ground-truth boxes of its phrase in its image
-    from xray_match.recipes.dspe import iter_meta, object_phrases, phrase_key
+    from xray_match.data.reader import iter_meta
+    from xray_match.recipes.dspe import object_phrases, phrase_key
 
-    metas = dict(iter_meta(tiny_scenes, "train", limit=12))
+    metas = dict(iter_meta(tiny_scenes, "train", limit=6))
     for img, per in mined["boxes"].items():
         meta = metas[img]
         for k, boxes in per.items():
@@ -354,6 +362,12 @@ def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
     val = make_loader(tiny_scenes, "val", r2.transform(False), r2.collate, batch_size=10, train=False, num_workers=0)
     metrics = r2.evaluate(model, val, EvalContext())
     assert 0.0 <= metrics["phrase_acc"] <= 1.0 and metrics["phrases"] > 60
+    from xray_match.data.reader import decode_sample, iter_raw, shard_urls
+
+    sample = decode_sample(next(iter_raw(shard_urls(tiny_scenes, "test")[0])))
+    boxes = [o["box"] for o in sample["meta"]["objects"]]
+    picked = r2.inference(model).localize(sample["image"], ["a red seven", "a two"], boxes)
+    assert len(picked) == 2 and all(b in boxes for b in picked)
 
 
 def test_hard_negative_file_errors(tmp_path):
@@ -366,6 +380,15 @@ def test_hard_negative_file_errors(tmp_path):
         load_hard_negatives(str(p))
     with pytest.raises(ConfigError, match="does not exist"):
         load_hard_negatives(str(tmp_path / "missing.json"))
+
+
+def test_missing_init_checkpoint_is_refused_before_training(tiny_scenes, tmp_path):
+    from xray_match.config import ConfigError
+    from xray_match.recipes.dspe import DSPEPhraseRecipe
+
+    cfg = load_config("dspe_phrase_cpu", {"data.path": tiny_scenes, "dspe.init_checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="dspe.init_checkpoint"):
+        DSPEPhraseRecipe.prepare(cfg, tiny_scenes)
 
 
 # ----------------------------------------------------------------------------- Ray

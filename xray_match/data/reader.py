@@ -75,12 +75,7 @@ def decode_sample(raw: dict[str, Any], parts: frozenset[str] | set[str] = ALL_PA
             image = image.convert("RGB")
     except Exception as e:
         raise ShardFormatError(f"{where}: undecodable image .{ext} ({e})") from None
-    if "json" not in raw:
-        raise ShardFormatError(f"{where}: no .json metadata")
-    try:
-        meta = json.loads(raw["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardFormatError(f"{where}: .json is not valid JSON ({e})") from None
+    meta = parse_meta(raw)
     check_meta(meta, where, width=image.width, height=image.height)
     saliency = None
     if "saliency" in parts and "saliency.png" in raw:
@@ -98,6 +93,28 @@ def decode_sample(raw: dict[str, Any], parts: frozenset[str] | set[str] = ALL_PA
         "key": raw["__key__"], "url": raw.get("__url__", ""), "image": image, "meta": meta,
         "saliency": saliency, "regions": regions, "region_boxes": region_boxes,
     }
+
+
+def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw sample's ``json``, parsed (not yet checked); errors name shard and key."""
+    if "json" not in raw:
+        raise ShardFormatError(f"{sample_where(raw)}: no .json metadata")
+    try:
+        return json.loads(raw["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"{sample_where(raw)}: .json is not valid JSON ({e})") from None
+
+
+def iter_meta(root: str, split: str, limit: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(key, json)`` of a split's samples without decoding images (driver-side fitting such as
+    vocabularies and tf-idf, which must see the train split only)."""
+    n = 0
+    for url in shard_urls(root, split):
+        for raw in iter_raw(url):
+            yield raw["__key__"], parse_meta(raw)
+            n += 1
+            if limit and n >= limit:
+                return
 
 
 def _npy(raw: dict[str, Any], ext: str, where: str) -> np.ndarray | None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from xray_match.config import Config, ConfigError
+from xray_match.data.reader import iter_meta
 from xray_match.data.transforms import image_to_tensor, normalize, stable_id
 from xray_match.losses.structure import StructurePreservingLoss
 from xray_match.metrics.localization import IOU_HIT, best_candidates, candidate_boxes, jitter_boxes, localization_hits
@@ -65,26 +66,6 @@ def positive_matrix(x_keys: list[set[str]], y_keys: list[str]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- shard metadata
 
 
-def iter_meta(root: str, split: str, limit: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(key, json)`` of a split's samples without decoding images (for driver-side fitting)."""
-    from xray_match.data.format import ShardFormatError, sample_where
-    from xray_match.data.reader import iter_raw, shard_urls
-
-    n = 0
-    for url in shard_urls(root, split):
-        for raw in iter_raw(url):
-            if "json" not in raw:
-                raise ShardFormatError(f"{sample_where(raw)}: no .json metadata")
-            try:
-                meta = json.loads(raw["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ShardFormatError(f"{sample_where(raw)}: .json is not valid JSON ({e})") from None
-            yield raw["__key__"], meta
-            n += 1
-            if limit and n >= limit:
-                return
-
-
 def object_phrases(meta: dict[str, Any], where: str = "sample") -> dict[int, list[str]]:
     """Object index -> the distinct phrase texts linked to it (all captions), in caption order."""
     phrases = meta.get("phrases")
@@ -105,6 +86,16 @@ def fit_text(cfg: Config, texts: list[str]) -> dict[str, Any]:
                         fv_pca_dim=d.fv_pca_dim, fv_pca_samples=d.fv_pca_samples, fv_reg_covar=d.fv_reg_covar,
                         seed=cfg.train.seed)
     return fz.to_state()
+
+
+def _reachable(path: str) -> bool:
+    import fsspec
+
+    try:
+        fs, p = fsspec.core.url_to_fs(path)
+        return bool(fs.exists(p))
+    except Exception:
+        return False
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -168,6 +159,15 @@ class _DSPEBase(Recipe):
                 raise ConfigError("dspe.image_source=regions: prepare found no regions.npy to size the image branch")
         model = DSPE(encoder, image_dim, text_dim, d.image_hidden, d.text_hidden, d.embed_dim, d.dropout)
         if d.init_checkpoint:
+            # prepare() (driver) has already refused an unreachable init_checkpoint before training.
+            # A loader rebuilding a finished stage-2 model (registry, test evaluation) on a machine
+            # without the stage-1 file overwrites these weights anyway, so there it is skipped.
+            if not _reachable(d.init_checkpoint):
+                import warnings
+
+                warnings.warn(f"dspe.init_checkpoint {d.init_checkpoint!r} is not reachable here; "
+                              "building the model without it (a checkpoint's weights must follow)", stacklevel=2)
+                return model
             state = load_checkpoint(d.init_checkpoint)
             try:
                 model.load_state_dict(state["model"])
@@ -197,6 +197,7 @@ class RetrievalTransform:
     def __init__(self, cfg: Config, text_state: dict[str, Any], train: bool):
         self.train = train
         self.source = cfg.dspe.image_source
+        self.parts = frozenset({"regions"}) if self.source == "regions" else frozenset()  # optional parts it reads
         self.extra = cfg.dspe.extra_positives
         self.to_tensor = image_to_tensor(cfg.data.image_size, hflip=cfg.data.hflip and train)
         self.norm = normalize()
@@ -279,7 +280,7 @@ class DSPERecipe(_DSPEBase):
         net = unwrap(model)
         imgs, txts, counts = [], [], []
         for batch in batches:
-            with ctx.autocast() if ctx.autocast else _null():
+            with ctx.autocast():
                 imgs.append(net.encode_image(batch["image"].to(ctx.device)).float())
                 txts.append(net.encode_text(batch["text"].to(ctx.device)).float())
             counts.append(torch.bincount(batch["caption_image"].cpu(), minlength=batch["image"].shape[0]))
@@ -368,6 +369,7 @@ class PhraseTransform:
     def __init__(self, cfg: Config, text_state: dict[str, Any], train: bool, hard_negatives: dict | None = None):
         d = cfg.dspe
         self.train = train
+        self.parts = frozenset()  # pixels, boxes and phrase links only: no saliency / regions.npy
         self.extra, self.per_phrase, self.pos_iou = d.extra_positives, d.regions_per_phrase, d.pos_iou
         self.crop, self.n_jitter, self.scales = d.crop_size, d.jitter_per_box, list(d.window_scales)
         self.n_hard = d.hard_negatives_in_batch
@@ -528,7 +530,7 @@ class DSPEPhraseRecipe(_DSPEBase):
         net = unwrap(model)
         hits, n_phr, n_cand, n_img = 0, 0, 0, 0
         for batch in batches:
-            with ctx.autocast() if ctx.autocast else _null():
+            with ctx.autocast():
                 r = localize_batch(net, batch, ctx.device)
             hits += int(r["hits"].sum())
             n_phr += int(r["hits"].numel())
@@ -537,6 +539,40 @@ class DSPEPhraseRecipe(_DSPEBase):
         tot = ctx.gather(torch.tensor([[hits, n_phr, n_cand, n_img]], dtype=torch.float64, device=ctx.device)).sum(0).cpu()
         return {"phrase_acc": float(tot[0] / tot[1]) if tot[1] else float("nan"), "phrases": float(tot[1]),
                 "candidates_per_image": float(tot[2] / tot[3]) if tot[3] else 0.0}
+
+    def inference(self, model: nn.Module) -> "PhraseInference":
+        return PhraseInference(unwrap(model), self.cfg, self.text_state())
+
+
+class PhraseInference:
+    """A loaded region-phrase model: embed phrases / regions and pick a phrase's box in an image."""
+
+    def __init__(self, model: DSPE, cfg: Config, text_state: dict[str, Any]):
+        self.model = model.eval()
+        self.transform = PhraseTransform(cfg, text_state, train=False)
+        self.scales = list(cfg.dspe.window_scales)
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.transform.featurize(list(texts)).to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def encode_regions(self, image, boxes) -> torch.Tensor:
+        """(R, D) embeddings of ``boxes`` (R, 4) [x0, y0, x1, y1] in ``image``'s pixels (PIL)."""
+        img = self.transform.to_tensor(image.convert("RGB"))
+        crops = self.transform.crops(img, np.asarray(boxes, np.float32), (float(image.width), float(image.height)))
+        return self.model.encode_image(crops.to(self.device)).float().cpu()
+
+    def localize(self, image, phrases: list[str], boxes=None) -> list[list[float]]:
+        """The nearest box to each phrase among ``boxes`` (default: sliding windows)."""
+        from xray_match.metrics.localization import sliding_windows
+
+        if boxes is None:
+            boxes = sliding_windows((float(image.width), float(image.height)), self.scales, stride=0.25)
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        dist = torch.cdist(self.encode_texts(phrases), self.encode_regions(image, boxes))  # (P, R)
+        return [boxes[i].tolist() for i in dist.argmin(1).tolist()]
 
 
 def load_hard_negatives(path: str) -> dict[str, dict[str, list[list[float]]]]:
@@ -625,14 +661,6 @@ def mine_hard_negatives(model: DSPE, cfg: Config, info: DataInfo, out_path: str,
 
     atomic_write_bytes(out_path, json.dumps(result).encode())
     return result
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ----------------------------------------------------------------------------- search spaces
