@@ -22,7 +22,11 @@ from xray_match.models.encoders.text import LSTMHead, TokenFeatures
 
 
 class Teacher(nn.Module):
-    """Fully connected encoder: [Linear -> LeakyReLU -> Dropout]* -> Linear."""
+    """Fully connected encoder: [Linear -> LeakyReLU -> Dropout]* -> Linear (no bias).
+
+    The last layer has no bias: before L2 normalisation a shared bias is a direction every
+    embedding can move to at once, the collapsed solution (loss ln B) that we saw training fall
+    into from scratch."""
 
     def __init__(self, in_dim: int, hidden: list[int], out_dim: int, dropout: float = 0.1, slope: float = 0.01):
         super().__init__()
@@ -31,7 +35,7 @@ class Teacher(nn.Module):
         for h in hidden:
             layers += [nn.Linear(d, h), nn.LeakyReLU(slope), nn.Dropout(dropout)]
             d = h
-        layers.append(nn.Linear(d, out_dim))
+        layers.append(nn.Linear(d, out_dim, bias=False))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
