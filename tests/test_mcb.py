@@ -99,3 +99,12 @@ def test_fused_linear_equals_mcb_then_linear(d):
     assert a.shape == (2, 6, 3)
     reference = mcb(x, y[:, None, :]) @ w.T  # the literal path: sketch, FFT, product, iFFT, linear
     assert torch.allclose(torch.bmm(x, a), reference, atol=1e-4)
+
+
+def test_fused_gram_gives_the_norm_of_the_mcb_output():
+    torch.manual_seed(4)
+    mcb = CompactBilinearPooling(6, 4, 21, seed=1)
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 4)
+    g = mcb.fused_gram(y)  # (2, 6, 6)
+    z = mcb(x, y[:, None, :])  # (2, 5, 21)
+    assert torch.allclose((torch.bmm(x, g) * x).sum(-1), z.pow(2).sum(-1), rtol=1e-4, atol=1e-4)

@@ -480,4 +480,4 @@ def test_two_worker_ray_training_run(ray_cluster, tiny_scenes, tmp_path, mlflow_
     assert state["loop"]["step"] == 2 and state["info"]["prepared"]["vocab"]["source"] == "train"
     client = MlflowClient(mlflow_uri)
     assert [x.step for x in client.get_metric_history(out["run_id"], "val/rsum")] == [1]
-    assert client.get_model_version_by_alias("xray-match-rdan", "champion").version == str(out["model_version"])
+    assert str(client.get_model_version_by_alias("xray-match-rdan", "champion").version) == str(out["model_version"])

@@ -154,9 +154,10 @@ def test_score_all_pairs_equals_loop_padded_and_packed():
 
 
 def test_bucketing_groups_lengths_and_bands_cover_rows():
-    lengths = torch.tensor([5, 1, 3, 1, 5, 2])
+    lengths = torch.tensor([5, 1, 3, 1, 5, 2, 1])
     blocks = caption_blocks(lengths, 2)
-    assert [lengths[b].tolist() for b in blocks] == [[1, 1], [2, 3], [5, 5]]
+    assert [lengths[b].tolist() for b in blocks] == [[1, 1], [1], [2], [3], [5, 5]]
+    assert sorted(torch.cat(blocks).tolist()) == list(range(7))
     bands = [rank_rows(10, r, 3) for r in range(3)]
     assert bands == [slice(0, 4), slice(4, 7), slice(7, 10)]
 

@@ -191,7 +191,7 @@ class RDANConfig:
     # evaluation
     eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
     eval_caption_block: int = F(256, ge=1, help="captions per scoring block")
-    eval_cell_budget: int = F(1 << 21, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
+    eval_cell_budget: int = F(1 << 20, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
 
 
 @dataclass
@@ -221,6 +221,7 @@ class GroundingConfig:
     head_hidden: int = F(512, ge=1, help="channels between the two 1x1 convolutions")
     mcb_seed: int = F(0, help="seed of the count-sketch hashes and signs")
     mcb_fused: bool = F(True, help="MCB + first 1x1 conv by exact re-association (same numbers, no per-pixel FFT)")
+    mcb_norm: Literal["none", "l2", "sqrt_l2"] = F("l2", help="per-pixel normalisation of the MCB output (Gao et al.)")
     lambda_: float = F(0.1, ge=0, help="λ of Eq. (1): weight of the pair loss")
     beta: float = F(0.1, ge=0, help="β of Eq. (1): weight of the attention L2 regulariser")
     pair_margin: float = F(1.0, ge=0, le=2, help="m of Eq. (2) on L2-normalised features")

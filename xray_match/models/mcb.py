@@ -101,6 +101,20 @@ class CompactBilinearPooling(nn.Module):
             a = g[..., self.sketch_x.h] * self.sketch_x.s  # (..., k, n1)
         return a.transpose(-1, -2)  # (..., n1, k)
 
+    def fused_gram(self, y: torch.Tensor) -> torch.Tensor:
+        """``G(y)`` (..., n1, n1) with ``||MCB(x, y)||² == x G(y) xᵀ`` exactly, for every ``x``.
+
+        ``MCB(x, y) = x B`` with ``B[i, m] = s1(i) Ψ2(y)[(m - h1(i)) mod d]``, so ``G = B Bᵀ`` and
+        ``G[i, j] = s1(i) s1(j) R[(h1(i) - h1(j)) mod d]`` with ``R`` the circular autocorrelation
+        of ``Ψ2(y)``, ``irfft(|rfft(Ψ2(y))|²)``: the per-pixel L2 norm of the MCB output without
+        forming it (for the normalisation of Gao et al. / Fukui et al., fused)."""
+        fy = self.spectrum_y(y)  # (..., F)
+        with torch.autocast(device_type=fy.device.type, enabled=False):
+            r = torch.fft.irfft(fy.real.pow(2) + fy.imag.pow(2), n=self.d, dim=-1)  # (..., d)
+            h, s = self.sketch_x.h, self.sketch_x.s
+            lag = (h[:, None] - h[None, :]) % self.d  # (n1, n1)
+            return r[..., lag] * (s[:, None] * s[None, :])  # (..., n1, n1)
+
     def extra_repr(self) -> str:
         return f"n1={self.sketch_x.n}, n2={self.sketch_y.n}, d={self.d}"
 

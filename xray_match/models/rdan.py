@@ -188,7 +188,11 @@ class RelationCNN(nn.Module):
         if m is not None:
             x = x * m[:, None, None, :] if grad else x.mul_(m[:, None, None, :])
         x = relu(conv3(x))
-        out = self.head(x)  # (P, out_maps, k, n)
+        # the 1x1 head as a matmul over the channels-last activations (a 1x1 conv there would hand DDP a
+        # channels-last weight gradient that does not match its bucket layout)
+        out = torch.addmm(self.head.bias, x.permute(0, 2, 3, 1).reshape(-1, self.channels),
+                          self.head.weight.view(self.out_maps, self.channels).t())
+        out = out.view(p, k, n, self.out_maps).permute(0, 3, 1, 2)  # (P, out_maps, k, n)
         return out * m[:, None, None, :] if m is not None else out
 
     def flops_per_cell(self) -> int:

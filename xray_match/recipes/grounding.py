@@ -137,13 +137,21 @@ def collate_queries(items: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- recipe
 
 
-def build_grounder(g: Any, backbone_state: dict[str, torch.Tensor] | None = None) -> MCBGrounder:
-    """The model from the ``grounding`` config section (optionally with stage-1 backbone weights)."""
+def build_grounder(g: Any, backbone_state: dict[str, torch.Tensor] | None = None,
+                   classifier_weight: torch.Tensor | None = None) -> MCBGrounder:
+    """The model from the ``grounding`` config section, optionally starting from stage 1: the
+    backbone's weights and the weight of its digit classifier as C (the bias is not carried: C has
+    none, see :mod:`xray_match.models.grounding`)."""
     backbone = resnet18_stride1(g.backbone_width, IN_CHANNELS)
     if backbone_state is not None:
         backbone.load_state_dict(backbone_state)
-    return MCBGrounder(backbone, backbone.out_channels, LabelQuery(g.num_classes, g.query_dim), g.query_dim,
-                       g.num_classes, g.mcb_dim, g.head_hidden, g.mcb_seed, g.mcb_fused)
+    model = MCBGrounder(backbone, backbone.out_channels, LabelQuery(g.num_classes, g.query_dim), g.query_dim,
+                        g.num_classes, g.mcb_dim, g.head_hidden, g.mcb_seed, g.mcb_fused,
+                        g.mcb_norm)
+    if classifier_weight is not None:
+        with torch.no_grad():
+            model.classifier.weight.copy_(classifier_weight)
+    return model
 
 
 @RECIPES.register("grounding")
@@ -167,8 +175,11 @@ class GroundingRecipe(Recipe):
         if state["width"] != cfg.grounding.backbone_width:
             raise ConfigError(f"grounding.backbone_width: {cfg.grounding.backbone_width}, but {path} holds a "
                               f"width-{state['width']} backbone")
-        return {"backbone_state": state["backbone"], "backbone_source": path,
-                "backbone_test_acc": state.get("test_acc")}
+        if tuple(state["classifier"]["weight"].shape) != (cfg.grounding.num_classes, state["width"] * 8):
+            raise ConfigError(f"grounding.num_classes: {cfg.grounding.num_classes}, but {path} classifies "
+                              f"{state['classifier']['weight'].shape[0]} digits")
+        return {"backbone_state": state["backbone"], "classifier_weight": state["classifier"]["weight"],
+                "backbone_source": path, "backbone_test_acc": state.get("test_acc")}
 
     def build_model(self) -> nn.Module:
         g = self.cfg.grounding
@@ -178,19 +189,20 @@ class GroundingRecipe(Recipe):
             if weights is None:
                 raise ConfigError("grounding.init: 'pretrained' but the prepared data info holds no stage-1 "
                                   "backbone (prepare() ran with init=scratch?)")
-        return build_grounder(g, weights)
+        return build_grounder(g, weights, self.info.prepared.get("classifier_weight"))
 
     def build_loss(self) -> nn.Module:
         g = self.cfg.grounding
         return GroundingLoss(g.lambda_, g.beta, g.pair_margin)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """§3: the new parts at ``optim.lr``; a pretrained backbone at ``optim.lr * backbone_lr_mult``
-        (1/10 in the paper). From scratch there is nothing to protect: one rate for all."""
+        """§3: the new parts at ``optim.lr``; the pretrained model (backbone and its classifier C) at
+        ``optim.lr * backbone_lr_mult`` (1/10 in the paper). From scratch nothing is pretrained: one
+        rate for all."""
         net = unwrap(model)
         lr = self.cfg.optim.lr
         mult = self.cfg.optim.backbone_lr_mult if self.cfg.grounding.init == "pretrained" else 1.0
-        backbone = [p for p in net.backbone.parameters() if p.requires_grad]
+        backbone = [p for p in [*net.backbone.parameters(), *net.classifier.parameters()] if p.requires_grad]
         ids = {id(p) for p in backbone}
         rest = [p for p in net.parameters() if p.requires_grad and id(p) not in ids]
         return [{"params": rest, "lr": lr, "name": "attention"}, {"params": backbone, "lr": lr * mult, "name": "backbone"}]
