@@ -3,7 +3,7 @@
 ``jobs/tune_grounding.py`` (``grounding.init=pretrained``).
 
     python jobs/pretrain_mnist.py                          # grounding_cpu: width 8
-    python jobs/pretrain_mnist.py --config grounding_full  # width 64 (GPU-sized; runs on CPU too)
+    python jobs/pretrain_mnist.py --config grounding_full  # width 64: on the GPU when there is one
     python jobs/pretrain_mnist.py grounding.pretrain_epochs=5 --out /tmp/backbone.pt
 """
 

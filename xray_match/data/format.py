@@ -117,6 +117,15 @@ def write_manifest(root: str, manifest: Manifest) -> None:
 # ----------------------------------------------------------------------------- samples
 
 
+def box_iou(a: list[float], b: list[float]) -> float:
+    """IoU of two ``[x0, y0, x1, y1]`` boxes (0 when both are empty)."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def check_meta(meta: Any, where: str, width: int | None = None, height: int | None = None) -> dict[str, Any]:
     """Validate one sample's ``json``; ``where`` names shard and key in the error.
 

@@ -1,11 +1,14 @@
-"""Atomic file writes for local paths and fsspec URLs."""
+"""Atomic file writes for local paths and fsspec URLs; PNG encoding for the generators."""
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
 
 import fsspec
+import numpy as np
+from PIL import Image
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -28,3 +31,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def exists(path: str) -> bool:
     fs, p = fsspec.core.url_to_fs(path)
     return fs.exists(p)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` (H, W) or (H, W, 3) uint8 as PNG bytes (fast compression: shards are written once)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -27,15 +27,15 @@ the query label; boxes are for evaluation. Every sample is a pure function of
 from __future__ import annotations
 
 import functools
-import io
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from xray_match.data.mnist import load_mnist
+from xray_match.data.format import box_iou
+from xray_match.data.io import png_bytes
 from xray_match.data.writer import write_split
 
 DATASET = "multi-mnist"
@@ -69,14 +69,6 @@ class MultiMnistSpec:
             raise ValueError(f"multi-MNIST digits per image: need 1 <= min ({self.min_digits}) <= max ({self.max_digits})")
         if not 0 <= self.max_overlap <= 1:
             raise ValueError(f"multi-MNIST max_overlap {self.max_overlap} must lie in [0, 1]")
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @functools.lru_cache(maxsize=4)
@@ -128,7 +120,7 @@ def render(split: str, index: int, spec: MultiMnistSpec) -> dict[str, Any]:
             for _attempt in range(100):
                 ox, oy = (int(v) for v in rng.integers(0, size - DIGIT + 1, size=2))
                 cand = [ox + box[0], oy + box[1], ox + box[2], oy + box[3]]
-                if all(_iou(cand, o["box"]) <= cap for o in objects):
+                if all(box_iou(cand, o["box"]) <= cap for o in objects):
                     place(idx, ox, oy, box)
                     break
     canvas += rng.normal(0.0, spec.noise_std, canvas.shape).astype(np.float32)
@@ -143,23 +135,7 @@ def render(split: str, index: int, spec: MultiMnistSpec) -> dict[str, Any]:
     meta = {"image_id": key, "split": split, "width": size, "height": size, "captions": words or ["no digit"],
             "objects": objects, "phrases": phrases if words else [[]], "source": f"mnist-{part}", "layout":
             f"grid{grid}x{grid}" if grid else "random"}
-    return {"__key__": key, "png": _png(img), "json": meta}
-
-
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-class _Maker:
-    """Picklable ``index -> sample`` for process pools."""
-
-    def __init__(self, split: str, spec: MultiMnistSpec):
-        self.split, self.spec = split, spec
-
-    def __call__(self, index: int) -> dict[str, Any]:
-        return render(self.split, index, self.spec)
+    return {"__key__": key, "png": png_bytes(img), "json": meta}
 
 
 def build_multi_mnist(
@@ -181,8 +157,8 @@ def build_multi_mnist(
     sizes = {"train": train, "val": val, "test": test, "test_2x2": grid_test, "test_3x3": grid_test}
     for split, n in sizes.items():
         if n:
-            write_split(out, DATASET, split, n, _Maker(split, spec), maxcount=maxcount, workers=workers, info=info,
-                        progress=progress)
+            make = functools.partial(render, split, spec=spec)  # picklable for the process pool
+            write_split(out, DATASET, split, n, make, maxcount=maxcount, workers=workers, info=info, progress=progress)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Dense (stride-1) backbones for attention grounding (paper: grounding-mcb-attention, §2.1, §3).
+"""Small ResNets trained from scratch: width-reduced grid encoders (RDAN, the contrastive model on
+CPU) and the dense (stride-1) backbone for attention grounding (grounding-mcb-attention, §2.1, §3).
 
 The grounding model reads its attention map at the input resolution, so the backbone is
 torchvision's ResNet-18 layout (BasicBlock x [2, 2, 2, 2]) with the max pooling removed and every
@@ -7,7 +8,7 @@ convolutional layers to be 1"). Parameter names follow torchvision (``conv1``, `
 ``layer1.0.conv1``, ``layer2.0.downsample.0`` ...), so at ``width=64, in_channels=3`` the state dict
 has exactly the keys and shapes of ``torchvision.models.resnet18`` without ``fc``.
 
-Cost: every layer runs at full resolution, about 51 GMACs per 64x64 image at width 64 (layer4
+Cost: every layer runs at full resolution, about 46 GMACs per 64x64 image at width 64 (layer4
 alone is 8x the base width at 64x64). ``width`` scales all channels; compute falls with width².
 """
 
@@ -75,4 +76,45 @@ class DigitClassifier(nn.Module):
         return self.fc(f.mean(dim=(2, 3)))  # (B, num_classes)
 
 
-__all__ = ["StrideOneResNet", "resnet18_stride1", "DigitClassifier", "RESNET18_LAYERS"]
+RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+class GridBackbone(nn.Module):
+    """A small ResNet trained from scratch whose last feature map's cells serve as regions (RDAN's
+    grid features; with ``grid=1``, a width-reduced pooled encoder for the contrastive model).
+
+    ``width`` is the first stage's channels (64 = torchvision's widths; 16 trains on 2 CPU cores).
+    The stem is a stride-2 3x3 conv (no max-pool: digit scenes are 64 px), then four stages of
+    BasicBlocks with strides 1, 2, 2, 2, so a 64 px image gives a 4 x 4 map; the map is average-
+    pooled to ``grid`` x ``grid`` cells when it is larger. Output: (B, grid*grid, 8*width).
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (1, 1, 1, 1), width: int = 16, grid: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        layers, inplanes = [], width
+        for stage, n_blocks in enumerate(blocks):
+            planes, stride = width * 2**stage, 1 if stage == 0 else 2
+            for b in range(n_blocks):
+                down = None
+                if b == 0 and (stride != 1 or inplanes != planes):
+                    down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                layers.append(BasicBlock(inplanes, planes, stride if b == 0 else 1, down))
+                inplanes = planes
+        self.stages = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.out_dim, self.grid = inplanes, grid
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(images))  # (B, C, h, w)
+        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
+            x = self.pool(x)
+        return x.flatten(2).transpose(1, 2)  # (B, grid*grid, C): one region per cell
+
+
+__all__ = ["StrideOneResNet", "resnet18_stride1", "DigitClassifier", "RESNET18_LAYERS", "RESNET_BLOCKS", "GridBackbone"]

@@ -38,53 +38,13 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torchvision.models.resnet import BasicBlock
 
+from xray_match.models.backbones import RESNET_BLOCKS, GridBackbone
 from xray_match.registry import MODELS
 
 _EPS = 1e-8
 
 # ----------------------------------------------------------------------------- image side
-
-RESNET_BLOCKS = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-
-
-class GridBackbone(nn.Module):
-    """A small ResNet trained from scratch whose last feature map's cells serve as regions.
-
-    ``width`` is the first stage's channels (64 = torchvision's widths; 16 trains on 2 CPU cores).
-    The stem is a stride-2 3x3 conv (no max-pool: digit scenes are 64 px), then four stages of
-    BasicBlocks with strides 1, 2, 2, 2, so a 64 px image gives a 4 x 4 map; the map is average-
-    pooled to ``grid`` x ``grid`` cells when it is larger. Output: (B, grid*grid, 8*width).
-    """
-
-    def __init__(self, blocks: tuple[int, ...] = (1, 1, 1, 1), width: int = 16, grid: int = 4):
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        )
-        layers, inplanes = [], width
-        for stage, n_blocks in enumerate(blocks):
-            planes, stride = width * 2**stage, 1 if stage == 0 else 2
-            for b in range(n_blocks):
-                down = None
-                if b == 0 and (stride != 1 or inplanes != planes):
-                    down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
-                layers.append(BasicBlock(inplanes, planes, stride if b == 0 else 1, down))
-                inplanes = planes
-        self.stages = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(grid)
-        self.out_dim, self.grid = inplanes, grid
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(images))  # (B, C, h, w)
-        if x.shape[-1] != self.grid or x.shape[-2] != self.grid:
-            x = self.pool(x)
-        return x.flatten(2).transpose(1, 2)  # (B, grid*grid, C): one region per cell
-
 
 class RegionEncoder(nn.Module):
     """Eq. (1): v_i = W_v r_i + b_v for each region feature r_i (from shards, or from the grid backbone)."""

@@ -20,7 +20,7 @@ from xray_match.models.encoders.text import TokenFeatures, load_tokenizer
 from xray_match.models.moco import IntermodalModel
 from xray_match.registry import RECIPES, SPACES
 from xray_match.samplers.negatives import build_sampler
-from xray_match.train.recipe import DataInfo, EvalContext, Recipe, unwrap
+from xray_match.train.recipe import EvalContext, Recipe, unwrap
 
 
 def gaze(image: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class MocoRecipe(Recipe):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.moco
-        vision, vdim = build_resnet(m.vision_backbone, m.vision_pretrained)
+        vision, vdim = build_resnet(m.vision_backbone, m.vision_pretrained, m.vision_width)
         tokens = TokenFeatures(m.text_model, m.text_embeddings, m.text_freeze)
         return IntermodalModel(vision, vdim, tokens, m.lstm_hidden, m.teacher_hidden, m.embed_dim, m.dropout,
                                momentum_keys=m.sampler != "batch")

@@ -9,7 +9,6 @@ to ``<unk>``.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -81,23 +80,15 @@ def build_vocab(captions: Iterable[str], min_count: int = 1, source: str = "") -
 
 def split_captions(root: str, split: str) -> list[str]:
     """Every caption of one split, reading only the samples' ``.json`` (no image decoding)."""
-    from xray_match.data.format import ShardFormatError, sample_where
-    from xray_match.data.reader import iter_raw, shard_urls
+    from xray_match.data.format import ShardFormatError
+    from xray_match.data.reader import iter_meta
 
     out: list[str] = []
-    for url in shard_urls(root, split):
-        for raw in iter_raw(url):
-            where = sample_where(raw)
-            if "json" not in raw:
-                raise ShardFormatError(f"{where}: no .json metadata")
-            try:
-                meta = json.loads(raw["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ShardFormatError(f"{where}: .json is not valid JSON ({e})") from None
-            caps = meta.get("captions") if isinstance(meta, dict) else None
-            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                raise ShardFormatError(f"{where}: json.captions must be a list of strings")
-            if isinstance(meta, dict) and meta.get("split", split) != split:
-                raise ShardFormatError(f"{where}: json.split is {meta.get('split')!r} inside split {split!r}")
-            out.extend(caps)
+    for key, meta in iter_meta(root, split):
+        caps = meta.get("captions") if isinstance(meta, dict) else None
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ShardFormatError(f"{root} split {split!r} sample {key}: json.captions must be a list of strings")
+        if meta.get("split", split) != split:
+            raise ShardFormatError(f"{root} sample {key}: json.split is {meta.get('split')!r} inside split {split!r}")
+        out.extend(caps)
     return out

@@ -33,6 +33,7 @@ class LoopState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
     skipped: int = 0  # corrupt samples skipped (skip mode)
+    resumes: int = 0  # times this run continued from a checkpoint (worker failure or a re-run)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -218,6 +219,7 @@ def run(cfg: Config, info: DataInfo, *, rank: int = 0, world_size: int = 1, devi
     trainer = Trainer(cfg, info, rank=rank, world_size=world_size, device=device, wrap_model=wrap_model, log=log)
     if start_state is not None:
         trainer.load_state_dict(start_state)
+        trainer.state.resumes += 1
         trainer.log(f"resumed at epoch {trainer.state.epoch} (step {trainer.state.step})")
     with tempfile.TemporaryDirectory(prefix="xray-eval-") as out_dir:
         while trainer.state.epoch < cfg.train.epochs:

@@ -19,6 +19,10 @@ from xray_match.config import Config, xray_home
 from xray_match.train.recipe import DataInfo, worker_env
 
 CKPT_FILE = "checkpoint.pt"
+#: fault injection for tests of FailureConfig: "RANK:EPOCH:MARKER" makes worker RANK exit hard once
+#: (when MARKER does not exist yet; it is then created) after training epoch EPOCH, before reporting it:
+#: the run's latest checkpoint is then that of epoch EPOCH - 1
+FAULT_ENV = "XRAY_MATCH_INJECT_WORKER_EXIT"
 
 
 def storage_path(cfg: Config) -> str:
@@ -55,6 +59,7 @@ def train_func(config: dict[str, Any]) -> None:
         logger.start(cfg)
 
     def report(metrics: dict[str, float], trainer, artifacts: list[str]) -> None:
+        _maybe_exit(config.get("fault"), rank, int(metrics["epoch"]))
         logger.log_epoch(metrics, int(metrics["epoch"]), artifacts)
         with tempfile.TemporaryDirectory(prefix="xray-ckpt-") as d:
             checkpoint = None
@@ -74,6 +79,15 @@ def train_func(config: dict[str, Any]) -> None:
     logger.end()
 
 
+def _maybe_exit(fault: str | None, rank: int, epoch: int) -> None:
+    if not fault:
+        return
+    r, e, marker = fault.split(":", 2)
+    if (int(r), int(e)) == (rank, epoch) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)  # a lost worker: no exception, no cleanup, as when a node dies
+
+
 def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -83,7 +97,8 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
     backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if use_gpu else "gloo")
     return TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow},
+        train_loop_config={"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow,
+                           "fault": os.environ.get(FAULT_ENV)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(

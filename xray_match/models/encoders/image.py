@@ -11,12 +11,22 @@ from torchvision.models.resnet import BasicBlock, ResNet
 _SMALL = {"resnet10": (BasicBlock, [1, 1, 1, 1])}
 
 
-def build_resnet(name: str, pretrained: bool = False) -> tuple[nn.Module, int]:
+def build_resnet(name: str, pretrained: bool = False, width: int = 0) -> tuple[nn.Module, int]:
     """``(backbone, feature_dim)``: a torchvision ResNet returning pooled features (B, C).
 
     ``pretrained`` loads torchvision's ImageNet weights (a download; needs a hub). ``resnet10``
-    (one BasicBlock per stage, 512-d) is the CPU-sized default where no weights ship.
+    (one BasicBlock per stage, 512-d) is the CPU-sized default where no weights ship. ``width`` > 0
+    builds a width-reduced BasicBlock ResNet (resnet10/18/34 depths, first stage ``width`` channels,
+    8 * ``width``-d output; compute falls with width²) for small images on CPU, from scratch.
     """
+    if width:
+        from xray_match.models.backbones import RESNET_BLOCKS, GridBackbone
+
+        if name not in RESNET_BLOCKS or pretrained:
+            raise ValueError(f"vision backbone {name!r} with width {width}: only {sorted(RESNET_BLOCKS)} "
+                             "from scratch (pretrained=false) have a reduced width")
+        grid = GridBackbone(RESNET_BLOCKS[name], width=width, grid=1)
+        return nn.Sequential(grid, nn.Flatten(1)), grid.out_dim  # (B, 1, C) -> (B, C)
     if name in _SMALL:
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights exist; set vision_pretrained=false")
