@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -85,6 +86,10 @@ def _maybe_exit(fault: str | None, rank: int, epoch: int) -> None:
     r, e, marker = fault.split(":", 2)
     if (int(r), int(e)) == (rank, epoch) and not os.path.exists(marker):
         open(marker, "w").close()
+        # Train V2's controller collects reports when it polls the workers (every 2 s by default); a
+        # worker lost before that poll takes the previous epoch's report with it. Wait two polls, so
+        # the test asserts the restart, not that race.
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1)
         os._exit(1)  # a lost worker: no exception, no cleanup, as when a node dies
 
 
