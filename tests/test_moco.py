@@ -154,3 +154,36 @@ def test_width_reduced_vision_backbone_and_its_config_check():
         load_config("moco_cpu", ["moco.vision_backbone=resnet50"])
     with pytest.raises(ConfigError, match="moco.vision_width"):
         load_config("moco_cpu", ["moco.vision_pretrained=true"])
+
+
+def _two_rank_batch_loss(rank, img, txt, ids, init, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    rows = slice(rank * 4, rank * 4 + 4)
+    i, t = img[rows].clone().requires_grad_(True), txt[rows].clone().requires_grad_(True)
+    loss = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids[rows]})["nce_loss"]
+    loss.backward()
+    torch.save({"loss": loss.item(), "gi": i.grad, "gt": t.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
+    """Each rank: InfoNCE over its queries against the gathered batch. The rank gradients, averaged
+    as DDP does, must equal the gradient of the loss over the whole batch in one process — in
+    particular the keys' push from the other rank's queries must come back (without it: collapse)."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(8, 5), dim=1), F.normalize(torch.randn(8, 5), dim=1)
+    ids = torch.arange(8) * 7
+    out = str(tmp_path / "grads")
+    mp.spawn(_two_rank_batch_loss, args=(img, txt, ids, f"file://{tmp_path / 'store'}", out), nprocs=2)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    full = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids})["nce_loss"]
+    full.backward()
+    assert (r0["loss"] + r1["loss"]) / 2 == pytest.approx(full.item(), rel=1e-6)
+    # DDP averages over 2 ranks: (rank gradient) / 2 == full-batch gradient
+    assert torch.allclose(torch.cat([r0["gi"], r1["gi"]]) / 2, i.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([r0["gt"], r1["gt"]]) / 2, t.grad, atol=1e-6)

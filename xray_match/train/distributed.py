@@ -52,16 +52,33 @@ def all_gather_nograd(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward: the gathered gradient summed over ranks (all-reduce, which
+    gloo and NCCL both have), then this rank's rows — a reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        ctx.rows = slice(dist.get_rank() * t.shape[0], (dist.get_rank() + 1) * t.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Same-size gather for a loss over the global batch: other ranks' rows arrive without
-    gradient and this rank's rows are the local tensor itself (open_clip's default), so each rank
-    back-propagates through its own features and DDP averages the gradients."""
+    """Same-size gather for a loss over the global batch whose backward returns to each rank the
+    gradient of its rows from every rank's loss. With each rank's loss over its own queries and
+    DDP averaging, the update is exactly that of the loss over the global batch (tested).
+    Gathering without gradient instead loses the push on keys from other ranks' queries while every
+    pull is kept: InfoNCE then collapses (all embeddings equal; we saw it with 2 workers)."""
     if not is_dist():
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.detach().contiguous())
-    parts[dist.get_rank()] = t
-    return torch.cat(parts)
+    return _GatherWithGrad.apply(t)
 
 
 def all_reduce_mean(value: float, device: torch.device | None = None) -> float:
