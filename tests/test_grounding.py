@@ -327,8 +327,9 @@ def test_presets_and_spaces():
 
     for preset in ("grounding_cpu", "grounding_full"):
         cfg = load_config(preset)
-        assert cfg.model.name == "grounding" and cfg.grounding.lambda_ == 0.1 and cfg.grounding.beta == 0.1
+        assert cfg.model.name == "grounding" and cfg.grounding.lambda_ == 0.1
         assert cfg.optim.lr == 0.1 and cfg.optim.backbone_lr_mult == 0.1  # §3
+    assert load_config("grounding_full").grounding.beta == 0.1  # §3; the CPU preset's β is measured (docs)
     assert load_config("grounding_full").grounding.backbone_width == 64
     assert load_config("grounding_full").grounding.data.train == 500000
     assert RECIPES.get("grounding").metric == "val/avg_iou" and RECIPES.get("grounding").mode == "max"
@@ -336,9 +337,27 @@ def test_presets_and_spaces():
     table1 = SPACES.get("grounding_table1")(cfg)
     assert is_grid(table1) and len(table1["grounding.beta"]["grid_search"]) * len(table1["grounding.init"]["grid_search"]) == 8
     check_space(cfg, table1)
+    assert table1["grounding.beta"]["grid_search"] == [0.0, 0.05, 0.1, 0.2]  # the paper's grid by default
+    wide = SPACES.get("grounding_table1")(load_config("grounding_cpu", ["grounding.table1_betas=[0.1, 1, 3]"]))
+    assert wide["grounding.beta"]["grid_search"] == [0.1, 1.0, 3.0]
     check_space(cfg, SPACES.get("grounding")(cfg))
     with pytest.raises(ConfigError, match="grounding.pair_margin"):
         load_config("grounding_cpu", ["grounding.pair_margin=3"])
+    for bad in ("[]", "[0.1, -1]", "[0.1, 0.1]"):
+        with pytest.raises(ConfigError, match="grounding.table1_betas"):
+            load_config("grounding_cpu", [f"grounding.table1_betas={bad}"])
+
+
+def test_table1_markdown_puts_the_papers_values_beside_any_beta():
+    from xray_match.recipes.grounding import table1_markdown
+
+    rows = [{"config": {"grounding.init": "pretrained", "grounding.beta": 0.1}, "metrics": {"test/avg_iou": 40.5}},
+            {"config": {"grounding.init": "pretrained", "grounding.beta": 3.0}, "metrics": {"test/avg_iou": 45.25}}]
+    lines = table1_markdown(rows, "test/avg_iou", [0.1, 3.0]).splitlines()
+    assert lines[0] == "| model | β@0.1 | β@3 |"
+    assert lines[2] == "| Fine-tune backbone (ours) | 40.50 | 45.25 |"
+    assert lines[3] == "| Fine-tune backbone (paper) | 67.07 | - |"
+    assert lines[4] == "| Train from scratch (ours) | - | - |"
 
 
 # ----------------------------------------------------------------------------- Ray
@@ -363,3 +382,14 @@ def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_
     assert [h.step for h in client.get_metric_history(out["run_id"], "val/avg_iou")] == [1]
     figs = client.list_artifacts(out["run_id"], "figures/epoch001")
     assert [os.path.basename(a.path) for a in figs] == ["attention_overlays.png"]
+
+
+def test_table2_markdown_rows_hold_precision_recall_and_the_paper():
+    from xray_match.recipes.grounding import table2_markdown
+
+    m = {"prec_iou30": 20.0, "prec_iou40": 15.0, "prec_iou50": 10.0, "map": 15.0, "recall_iou30": 70.0,
+         "recall_iou40": 55.0, "recall_iou50": 35.0, "avg_iou": 41.5, "absent_act": 0.05, "present_act": 0.125}
+    lines = table2_markdown({f"test_2x2/{k}": v for k, v in m.items()}).splitlines()
+    assert len(lines) == 4  # header, rule, ours, paper: no 3x3 metrics, no 3x3 rows
+    assert lines[2] == "| 2x2 (ours) | 20.00 | 15.00 | 10.00 | 15.00 | 70.0 / 55.0 / 35.0 | 41.50 | 0.050 / 0.125 |"
+    assert lines[3] == "| 2x2 (paper) | 94.48 | 96.22 | 71.53 | 87.41 | | | |"

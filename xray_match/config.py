@@ -226,6 +226,7 @@ class GroundingConfig:
     lambda_: float = F(0.1, ge=0, help="λ of Eq. (1): weight of the pair loss")
     beta: float = F(0.1, ge=0, help="β of Eq. (1): weight of the attention L2 regulariser")
     pair_margin: float = F(1.0, ge=0, le=2, help="m of Eq. (2) on L2-normalised features")
+    table1_betas: list[float] = F([0.0, 0.05, 0.1, 0.2], help="β values of the Table 1 grid (the paper's by default)")
     queries_per_image: int = F(0, ge=0, help="training queries per image (distinct digits present); 0 = all")
     threshold: float = F(0.5, gt=0, lt=1, help="attention threshold for boxes (connected components)")
     eval_query_chunk: int = F(64, ge=1, help="queries per forward pass in evaluation (memory)")
@@ -496,6 +497,9 @@ def _cross_checks(cfg: Config) -> None:
             raise ConfigError(f"moco.rerank_top_n: {cfg.moco.rerank_top_n} exceeds moco.queue_size {cfg.moco.queue_size}")
     if cfg.tune.max_concurrent > cfg.tune.num_samples:
         raise ConfigError("tune.max_concurrent: larger than tune.num_samples")
+    betas = cfg.grounding.table1_betas
+    if not betas or any(b < 0 for b in betas) or len(set(betas)) != len(betas):
+        raise ConfigError(f"grounding.table1_betas: {betas} must be a non-empty list of distinct β >= 0")
 
 
 def resolve_queue_size(cfg: Config, train_count: int) -> int:

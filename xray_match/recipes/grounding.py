@@ -291,10 +291,11 @@ class GroundingInference:
 
 @SPACES.register("grounding_table1")
 def table1_space(cfg: Config) -> dict[str, Any]:
-    """Table 1: β ∈ {0, 0.05, 0.1, 0.2} x {fine-tune a stage-1 backbone, train from scratch} (a grid)."""
+    """Table 1: β ∈ ``grounding.table1_betas`` (the paper's {0, 0.05, 0.1, 0.2} by default) x
+    {fine-tune a stage-1 backbone, train from scratch} (a grid)."""
     from ray import tune
 
-    return {"grounding.beta": tune.grid_search([0.0, 0.05, 0.1, 0.2]),
+    return {"grounding.beta": tune.grid_search([float(b) for b in cfg.grounding.table1_betas]),
             "grounding.init": tune.grid_search(["pretrained", "scratch"])}
 
 
@@ -304,7 +305,7 @@ def grounding_space(cfg: Config) -> dict[str, Any]:
     from ray import tune
 
     return {"grounding.lambda_": tune.uniform(0.0, 0.5),
-            "grounding.beta": tune.uniform(0.0, 0.3),
+            "grounding.beta": tune.loguniform(0.01, 10.0),  # the best β depends on the preset's feature scale
             "grounding.pair_margin": tune.uniform(0.25, 1.75)}
 
 
@@ -385,40 +386,45 @@ def log_to_run(tracking_uri: str, run_id: str | None, metrics: dict[str, float],
 
 def table2_markdown(metrics: dict[str, float]) -> str:
     """Table 2 (precision at IoU 0.3 / 0.4 / 0.5 and their mean on the 3x3 and 2x2 grids) beside
-    the paper's, plus Avg IoU and the absent-query activation."""
+    the paper's, plus recall at the same IoUs, Avg IoU and the absent-query activation."""
     paper = {"test_3x3": (83.40, 82.54, 60.03, 75.23), "test_2x2": (94.48, 96.22, 71.53, 87.41)}
-    lines = ["| group | IoU@0.3 | IoU@0.4 | IoU@0.5 | mean (mAP) | Avg IoU | absent / present activation |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| group | IoU@0.3 | IoU@0.4 | IoU@0.5 | mean (mAP) | recall @0.3 / 0.4 / 0.5 | Avg IoU | "
+             "absent / present activation |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for split, label in (("test_3x3", "3x3"), ("test_2x2", "2x2")):
         if f"{split}/map" not in metrics:
             continue
         m = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(split + "/")}
         p = paper[split]
         lines.append(f"| {label} (ours) | {m['prec_iou30']:.2f} | {m['prec_iou40']:.2f} | {m['prec_iou50']:.2f} | "
-                     f"{m['map']:.2f} | {m['avg_iou']:.2f} | {m.get('absent_act', 0):.3f} / {m['present_act']:.3f} |")
-        lines.append(f"| {label} (paper) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {p[3]:.2f} | | |")
+                     f"{m['map']:.2f} | {m['recall_iou30']:.1f} / {m['recall_iou40']:.1f} / {m['recall_iou50']:.1f} | "
+                     f"{m['avg_iou']:.2f} | {m.get('absent_act', 0):.3f} / {m['present_act']:.3f} |")
+        lines.append(f"| {label} (paper) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {p[3]:.2f} | | | |")
     return "\n".join(lines) + "\n"
 
 
-def table1_markdown(rows: list[dict[str, Any]], metric: str = "test/avg_iou") -> str:
+def table1_markdown(rows: list[dict[str, Any]], metric: str = "test/avg_iou",
+                    betas: Iterable[float] = (0.0, 0.05, 0.1, 0.2)) -> str:
     """Table 1 (Avg IoU per β and training schema) from :func:`study_trials` rows that carry
-    ``metric``, beside the paper's."""
+    ``metric``, beside the paper's (which has β ∈ {0, 0.05, 0.1, 0.2}; "-" elsewhere)."""
+    paper_betas = (0.0, 0.05, 0.1, 0.2)
     paper = {"pretrained": (59.74, 60.84, 67.07, 36.37), "scratch": (57.90, 63.39, 66.40, 41.02)}
-    betas = (0.0, 0.05, 0.1, 0.2)
+    betas = [float(b) for b in betas]
     cell = {(r["config"].get("grounding.init"), float(r["config"].get("grounding.beta", -1))): r["metrics"].get(metric)
             for r in rows}
     lines = ["| model | " + " | ".join(f"β@{b:g}" for b in betas) + " |", "| --- |" + " --- |" * len(betas)]
     for init, label in (("pretrained", "Fine-tune backbone"), ("scratch", "Train from scratch")):
         ours = [cell.get((init, b)) for b in betas]
         lines.append(f"| {label} (ours) | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ours) + " |")
-        lines.append(f"| {label} (paper) | " + " | ".join(f"{v:.2f}" for v in paper[init]) + " |")
+        known = dict(zip(paper_betas, paper[init]))
+        lines.append(f"| {label} (paper) | " + " | ".join(f"{known[b]:.2f}" if b in known else "-" for b in betas) + " |")
     return "\n".join(lines) + "\n"
 
 
-def report_study(cfg: Config, out: dict[str, Any], paper_beta: float = 0.1) -> str:
+def report_study(cfg: Config, out: dict[str, Any], table2_beta: float | None = None) -> str:
     """After ``tune_main``: every trial's final checkpoint on the test split (Table 1), and the
-    paper's configuration (β = ``paper_beta``, fine-tuned; else the best trial) on the 2x2 / 3x3
-    grids (Table 2). Writes ``tables.md`` / ``tables.json`` into the study folder, logs both to the
+    preset's configuration (β = ``table2_beta``, default ``grounding.beta``, fine-tuned; else the
+    best trial) on the 2x2 / 3x3 grids (Table 2). Writes ``tables.md`` / ``tables.json`` into the study folder, logs both to the
     study's parent MLflow run, and returns the markdown."""
     import fsspec
 
@@ -427,13 +433,15 @@ def report_study(cfg: Config, out: dict[str, Any], paper_beta: float = 0.1) -> s
     rows = [r for r in study_trials(out["storage"]) if r["checkpoint"]]
     for r in rows:
         r["metrics"] |= evaluate_checkpoint(r["checkpoint"], [cfg.data.test_split], cfg.ray.storage_path)
+    table2_beta = cfg.grounding.beta if table2_beta is None else table2_beta
     pick = [r for r in rows if r["config"].get("grounding.init", cfg.grounding.init) == "pretrained"
-            and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == paper_beta]
+            and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == table2_beta]
     chosen = pick[0] if pick else next((r for r in rows if r["checkpoint"] == out.get("best_checkpoint")), None)
     grids: dict[str, float] = {}
     if chosen is not None:
         grids = evaluate_checkpoint(chosen["checkpoint"], GRID_SPLITS, cfg.ray.storage_path)
-    text = ("## Table 1: Avg IoU on the test split\n\n" + table1_markdown(rows, f"{cfg.data.test_split}/avg_iou")
+    text = ("## Table 1: Avg IoU on the test split\n\n" + table1_markdown(rows, f"{cfg.data.test_split}/avg_iou",
+                                                                         cfg.grounding.table1_betas)
             + f"\n## Table 2: trial {chosen['trial_id'] if chosen else '-'} "
               f"({json.dumps(chosen['config']) if chosen else 'none'})\n\n" + table2_markdown(grids))
     results = {"trials": [{k: r[k] for k in ("trial_id", "config", "metrics", "checkpoint")} for r in rows],
