@@ -403,12 +403,15 @@ def table2_markdown(metrics: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the paper's Table 1: Avg IoU per training schema and β
+PAPER_TABLE1 = {"pretrained": {0.0: 59.74, 0.05: 60.84, 0.1: 67.07, 0.2: 36.37},
+                "scratch": {0.0: 57.90, 0.05: 63.39, 0.1: 66.40, 0.2: 41.02}}
+
+
 def table1_markdown(rows: list[dict[str, Any]], metric: str = "test/avg_iou",
-                    betas: Iterable[float] = (0.0, 0.05, 0.1, 0.2)) -> str:
+                    betas: Iterable[float] = tuple(PAPER_TABLE1["pretrained"])) -> str:
     """Table 1 (Avg IoU per β and training schema) from :func:`study_trials` rows that carry
-    ``metric``, beside the paper's (which has β ∈ {0, 0.05, 0.1, 0.2}; "-" elsewhere)."""
-    paper_betas = (0.0, 0.05, 0.1, 0.2)
-    paper = {"pretrained": (59.74, 60.84, 67.07, 36.37), "scratch": (57.90, 63.39, 66.40, 41.02)}
+    ``metric``, beside the paper's ("-" at a β the paper did not run)."""
     betas = [float(b) for b in betas]
     cell = {(r["config"].get("grounding.init"), float(r["config"].get("grounding.beta", -1))): r["metrics"].get(metric)
             for r in rows}
@@ -416,16 +419,16 @@ def table1_markdown(rows: list[dict[str, Any]], metric: str = "test/avg_iou",
     for init, label in (("pretrained", "Fine-tune backbone"), ("scratch", "Train from scratch")):
         ours = [cell.get((init, b)) for b in betas]
         lines.append(f"| {label} (ours) | " + " | ".join("-" if v is None else f"{v:.2f}" for v in ours) + " |")
-        known = dict(zip(paper_betas, paper[init]))
-        lines.append(f"| {label} (paper) | " + " | ".join(f"{known[b]:.2f}" if b in known else "-" for b in betas) + " |")
+        paper = PAPER_TABLE1[init]
+        lines.append(f"| {label} (paper) | " + " | ".join(f"{paper[b]:.2f}" if b in paper else "-" for b in betas) + " |")
     return "\n".join(lines) + "\n"
 
 
-def report_study(cfg: Config, out: dict[str, Any], table2_beta: float | None = None) -> str:
+def report_study(cfg: Config, out: dict[str, Any]) -> str:
     """After ``tune_main``: every trial's final checkpoint on the test split (Table 1), and the
-    preset's configuration (β = ``table2_beta``, default ``grounding.beta``, fine-tuned; else the
-    best trial) on the 2x2 / 3x3 grids (Table 2). Writes ``tables.md`` / ``tables.json`` into the study folder, logs both to the
-    study's parent MLflow run, and returns the markdown."""
+    preset's configuration (its ``grounding.beta``, fine-tuned; else the best trial) on the 2x2 /
+    3x3 grids (Table 2). Writes ``tables.md`` / ``tables.json`` into the study folder, logs both to
+    the study's parent MLflow run, and returns the markdown."""
     import fsspec
 
     from xray_match.tracking.runs import resolve_tracking_uri
@@ -433,9 +436,8 @@ def report_study(cfg: Config, out: dict[str, Any], table2_beta: float | None = N
     rows = [r for r in study_trials(out["storage"]) if r["checkpoint"]]
     for r in rows:
         r["metrics"] |= evaluate_checkpoint(r["checkpoint"], [cfg.data.test_split], cfg.ray.storage_path)
-    table2_beta = cfg.grounding.beta if table2_beta is None else table2_beta
     pick = [r for r in rows if r["config"].get("grounding.init", cfg.grounding.init) == "pretrained"
-            and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == table2_beta]
+            and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == cfg.grounding.beta]
     chosen = pick[0] if pick else next((r for r in rows if r["checkpoint"] == out.get("best_checkpoint")), None)
     grids: dict[str, float] = {}
     if chosen is not None:
