@@ -2,6 +2,7 @@
 on hand-computed values, box extraction and IoU / precision on hand-made maps, the multi-MNIST
 generator, the recipe, stage 1, and a 2-worker Ray run with real MLflow."""
 
+import io
 import json
 import math
 import os
@@ -12,8 +13,9 @@ import torch
 
 from xray_match.config import ConfigError, load_config
 from xray_match.losses.grounding import GroundingLoss, attention_l2, pair_loss
-from xray_match.metrics.grounding import (QueryRecord, box_iou, boxes_from_map, match_ious, save_attention_overlays,
-                                          score_query, summarize)
+from xray_match.metrics.grounding import (QueryRecord, average_precision, box_iou, boxes_from_map, detection_map,
+                                          greedy_hits, match_ious, save_attention_overlays, score_query,
+                                          scored_boxes_from_map, summarize)
 from xray_match.models.backbones import DigitClassifier, resnet18_stride1
 
 
@@ -133,13 +135,59 @@ def test_summary_precision_recall_avg_iou_and_absent_queries():
     # predictions counted: 2 + 1 + max(0, 1) = 4; IoU >= 0.3: two; >= 0.5: one
     assert s["prec_iou30"] == pytest.approx(50.0) and s["prec_iou40"] == pytest.approx(50.0)
     assert s["prec_iou50"] == pytest.approx(25.0)
-    assert s["map"] == pytest.approx(125 / 3)
+    # ranked boxes: the first query's blob (TP, IoU 2/3) then its speck (FP); 3 ground-truth boxes
+    assert s["ap_iou30"] == pytest.approx(100 / 3) and s["ap_iou50"] == pytest.approx(100 / 3)
+    assert s["map"] == pytest.approx(100 / 3)
     assert s["recall_iou30"] == pytest.approx(200 / 3) and s["recall_iou50"] == pytest.approx(100 / 3)
     assert s["cls_acc"] == pytest.approx(200 / 3)
     present_act = (float(np.mean(_map())) + 0.2 + 0.1) / 3
     assert s["present_act"] == pytest.approx(present_act)
     assert s["absent_act"] == pytest.approx(0.03) and s["absent_blank"] == pytest.approx(50.0)
     assert s["absent_ratio"] == pytest.approx(0.03 / present_act)
+
+
+def test_box_scores_are_component_attention_mass():
+    boxes, scores = scored_boxes_from_map(_map(), 0.5)
+    assert boxes.tolist() == [[1, 1, 4, 3], [6, 6, 7, 7]]
+    assert scores == pytest.approx([6 * 0.9, 0.7])  # the 3x2 blob at 0.9 and the 0.7 speck
+    assert scored_boxes_from_map(np.zeros((4, 4)), 0.5)[1].shape == (0,)
+
+
+def test_average_precision_hand_computed():
+    # ranked TP, FP, TP against 2 ground-truth boxes: precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1;
+    # made monotone 1, 2/3, 2/3 -> AP = 1/2 * 1 + 1/2 * 2/3
+    assert average_precision([0.9, 0.8, 0.7], [True, False, True], 2) == pytest.approx(5 / 6)
+    assert average_precision([0.7, 0.9, 0.8], [True, True, False], 2) == pytest.approx(5 / 6)  # order by score
+    assert average_precision([0.9], [True], 4) == pytest.approx(0.25)  # recall capped at 1/4
+    assert average_precision([], [], 3) == 0.0
+    assert average_precision([0.5, 0.9], [True, False], 1) == pytest.approx(0.5)  # FP ranked first
+    with pytest.raises(ValueError, match="no ground-truth"):
+        average_precision([0.5], [False], 0)
+
+
+def test_greedy_hits_take_the_best_free_box_in_score_order():
+    iou = np.array([[0.6, 0.2], [0.7, 0.1], [0.35, 0.45]])  # 3 predictions x 2 ground-truth boxes
+    # box 1 (score 0.9) takes gt 0; box 0 (0.8) finds gt 0 taken, its best free is gt 1 at 0.2
+    assert greedy_hits([0.8, 0.9, 0.1], iou, 0.5).tolist() == [False, True, False]
+    assert greedy_hits([0.8, 0.9, 0.1], iou, 0.3).tolist() == [False, True, True]
+    assert greedy_hits([0.9, 0.8, 0.1], iou, 0.15).tolist() == [True, False, True]  # gt 1 at 0.1 < 0.15
+    assert greedy_hits([0.9, 0.8, 0.1], iou, 0.05).tolist() == [True, True, False]  # none left for box 2
+    assert greedy_hits([0.5], np.zeros((1, 0)), 0.3).tolist() == [False]  # nothing to find
+
+
+def test_detection_map_hand_computed():
+    att = _map()  # blob [1,1,4,3] scored 5.4, speck [6,6,7,7] scored 0.7
+    recs = [score_query(att, [[1, 1, 4, 4]], 0.5, present=True, label=7),  # blob IoU 2/3 -> TP, speck FP
+            score_query(att, [], 0.5, present=False, label=7),  # an absent 7 with the same map: 2 FPs
+            score_query(att, [[6, 6, 7, 7], [0, 0, 2, 2]], 0.5, present=True, label=3)]  # speck TP, blob FP
+    # class 7, ranked: 5.4 TP, 5.4 FP (absent), 0.7 FP, 0.7 FP; 1 gt -> AP 1 (the tie keeps record order)
+    # class 3, ranked: 5.4 FP (IoU 1/9 with [0,0,2,2]), 0.7 TP; 2 gt -> precision 1/2 at recall 1/2 -> AP 1/4
+    assert detection_map(recs, 0.5) == pytest.approx(100 * (1.0 + 0.25) / 2)
+    # at IoU 0.1 the blob also finds [0,0,2,2] (IoU 1/9): class 3 gets TP, TP -> AP 1
+    assert detection_map(recs, 0.1) == pytest.approx(100.0)
+    assert detection_map(recs[1:2], 0.5) == 0.0  # no class with ground truth
+    s = summarize(recs)
+    assert s["ap_iou50"] == pytest.approx(62.5) and s["map"] == pytest.approx((s["ap_iou30"] + s["ap_iou40"] + 62.5) / 3)
 
 
 def test_overlay_png(tmp_path):
@@ -186,11 +234,13 @@ def test_shards_transform_and_collate(tiny_mm):
     items = list(ShardStream(shard_urls(tiny_mm, "test_2x2"), GroundingTransform(10, train=False), train=False))
     assert len(items) == 10
     it = items[0]
-    assert it["image"].shape == (1, 56, 56) and len(it["query"]) == 5  # four digits + one absent
-    assert it["present"] == [True] * 4 + [False] and it["boxes"][-1] == [] and all(len(b) == 1 for b in it["boxes"][:4])
+    assert it["image"].shape == (1, 56, 56) and sorted(it["query"]) == list(range(10))  # every digit is asked
+    assert it["present"] == [True] * 4 + [False] * 6 and all(len(b) == 1 for b in it["boxes"][:4])
+    assert it["boxes"][4:] == [[]] * 6 and it["overlay_absent"] in it["query"][4:]
     batch = collate_queries(items[:3])
-    assert batch["image"].shape == (3, 1, 56, 56) and batch["query"].shape == (15,)
-    assert batch["query_image"].tolist() == [0] * 5 + [1] * 5 + [2] * 5 and len(batch["boxes"]) == 15
+    assert batch["image"].shape == (3, 1, 56, 56) and batch["query"].shape == (30,)
+    assert batch["query_image"].tolist() == [0] * 10 + [1] * 10 + [2] * 10 and len(batch["boxes"]) == 30
+    assert batch["overlay_absent"] == [t["overlay_absent"] for t in items[:3]]
     train_items = list(ShardStream(shard_urls(tiny_mm, "val"), GroundingTransform(10, train=True, queries_per_image=1),
                                    train=False))
     assert all(len(t["query"]) == 1 for t in train_items)
@@ -308,11 +358,20 @@ def test_evaluate_world_size_one_writes_overlays(tiny_mm, tmp_path):
     metrics, artifacts = trainer.evaluate(out_dir=str(tmp_path / "figs"))
     assert metrics["val/queries"] == sum(
         len({o["label_id"] for o in json.loads(r["json"])["objects"]}) for r in _raw(tiny_mm, "val"))
-    assert {"val/avg_iou", "val/prec_iou30", "val/prec_iou40", "val/prec_iou50", "val/map", "val/absent_act",
-            "val/present_act"} <= set(metrics)
+    assert {"val/avg_iou", "val/prec_iou30", "val/prec_iou40", "val/prec_iou50", "val/ap_iou30", "val/ap_iou50",
+            "val/map", "val/absent_act", "val/present_act"} <= set(metrics)
     assert len(artifacts) == 1 and os.path.getsize(artifacts[0]) > 1000
     grid, _ = trainer.evaluate("test_3x3")
     assert grid["test_3x3/queries"] == 90.0  # 10 images x 9 distinct digits
+    # the registry's inference object: one image, one digit -> the map, its boxes and their scores
+    from PIL import Image
+
+    raw = _raw(tiny_mm, "test_2x2")[0]
+    digit = json.loads(raw["json"])["objects"][0]["label_id"]
+    out = trainer.recipe.inference(trainer.model).ground(Image.open(io.BytesIO(raw["png"])), digit)
+    assert out["attention"].shape == (56, 56) and len(out["boxes"]) == len(out["scores"])
+    boxes, scores = scored_boxes_from_map(out["attention"], cfg.grounding.threshold)
+    assert out["boxes"] == boxes.tolist() and out["scores"] == pytest.approx(scores.tolist())
 
 
 def _raw(root, split):
@@ -384,12 +443,14 @@ def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_
     assert [os.path.basename(a.path) for a in figs] == ["attention_overlays.png"]
 
 
-def test_table2_markdown_rows_hold_precision_recall_and_the_paper():
+def test_table2_markdown_rows_hold_map_precision_recall_and_the_paper():
     from xray_match.recipes.grounding import table2_markdown
 
-    m = {"prec_iou30": 20.0, "prec_iou40": 15.0, "prec_iou50": 10.0, "map": 15.0, "recall_iou30": 70.0,
-         "recall_iou40": 55.0, "recall_iou50": 35.0, "avg_iou": 41.5, "absent_act": 0.05, "present_act": 0.125}
+    m = {"ap_iou30": 60.0, "ap_iou40": 50.0, "ap_iou50": 40.0, "map": 50.0, "prec_iou30": 20.0, "prec_iou40": 15.0,
+         "prec_iou50": 10.0, "recall_iou30": 70.0, "recall_iou40": 55.0, "recall_iou50": 35.0, "avg_iou": 41.5,
+         "absent_act": 0.05, "present_act": 0.125}
     lines = table2_markdown({f"test_2x2/{k}": v for k, v in m.items()}).splitlines()
     assert len(lines) == 4  # header, rule, ours, paper: no 3x3 metrics, no 3x3 rows
-    assert lines[2] == "| 2x2 (ours) | 20.00 | 15.00 | 10.00 | 15.00 | 70.0 / 55.0 / 35.0 | 41.50 | 0.050 / 0.125 |"
-    assert lines[3] == "| 2x2 (paper) | 94.48 | 96.22 | 71.53 | 87.41 | | | |"
+    assert lines[2] == ("| 2x2 (ours) | 60.00 | 50.00 | 40.00 | 50.00 | 20.0 / 15.0 / 10.0 | 70.0 / 55.0 / 35.0 | "
+                        "41.50 | 0.050 / 0.125 |")
+    assert lines[3] == "| 2x2 (paper) | 94.48 | 96.22 | 71.53 | 87.41 | | | | |"

@@ -4,19 +4,31 @@ Boxes come from the attention map with no post-processing beyond a threshold and
 components (§3: "the attentive map are evaluated directly without any further post-processing"):
 pixels with ``r >= threshold``, 8-connected components (``scipy.ndimage.label``), one box per
 component. Boxes are ``[x0, y0, x1, y1]`` in pixels with exclusive ends, the convention of the
-ground-truth boxes that :mod:`xray_match.data.multi_mnist` writes.
+ground-truth boxes that :mod:`xray_match.data.multi_mnist` writes. Each box is scored by the
+attention mass of its component (the sum of ``r`` over its pixels).
 
-Scoring one query (an image and a digit present in it): its predicted boxes are matched one-to-one
-to the ground-truth boxes of that digit by maximum total IoU (Hungarian, ``linear_sum_assignment``).
+Evaluation asks every image for every digit: the digits present (scored against their boxes) and
+the digits absent (whose boxes can only be false detections).
 
-* **Avg IoU** (Table 1): the mean, over ground-truth boxes, of the IoU of the box matched to each
-  (0 when none is). Extra predicted boxes do not lower it; they lower precision.
-* **precision at IoU t** (Table 2): matched pairs with IoU >= t, divided by the number of predicted
-  boxes. A present query whose map yields no box counts as one wrong prediction (a blank answer is a
-  wrong answer), so a model cannot gain precision by staying silent. ``map`` is the mean over
-  t ∈ {0.3, 0.4, 0.5} (the paper's "Avg mAP"). Recall at t (over ground-truth boxes) is reported too.
-* **absent queries** (Fig. 3, "an almost blank attentive map"): the mean activation of maps for a
-  digit absent from the image, beside that of present queries, and the share of absent maps that
+* **Avg IoU** (Table 1), over present queries: its predicted boxes are matched one-to-one to the
+  ground-truth boxes of that digit by maximum total IoU (Hungarian, ``linear_sum_assignment``); the
+  mean, over ground-truth boxes, of the IoU of the box matched to each (0 when none is).
+* **mAP at IoU t** (Table 2, ``ap_iouNN``). The paper names "the standard evaluation metric for both
+  the detection and the localization tasks (a.k.a. the mean average precision)" and gives no more
+  detail; we read it as detection AP, as in PASCAL VOC / COCO. Per digit class: every box that any
+  query for that class produced on any image (present or absent), ranked by score; down the ranking
+  a box is a true positive when its IoU with a not yet matched ground-truth box of that digit in its
+  image is >= t (the best such box), else a false positive; AP is the area under the precision /
+  recall curve with precision made monotone (all-point interpolation, VOC 2010+); the mAP is the
+  mean over the classes that have ground truth. ``map`` is the mean over t ∈ {0.3, 0.4, 0.5} (the
+  paper's "Avg mAP").
+* **precision / recall at IoU t** (``prec_iouNN``, ``recall_iouNN``), over present queries and
+  without ranking: Hungarian-matched pairs with IoU >= t divided by the number of predicted boxes
+  (a present query whose map yields no box counts as one wrong prediction) or by the number of
+  ground-truth boxes. Every extra component counts against precision whatever its score, so it is
+  far stricter than AP.
+* **absent queries** (Fig. 3, "an almost blank attentive map"): the mean activation of maps for
+  digits absent from the image, beside that of present queries, and the share of absent maps that
   yield no box at all.
 
 All figures are percentages except the mean activations.
@@ -34,17 +46,24 @@ IOU_THRESHOLDS = (0.3, 0.4, 0.5)
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def boxes_from_map(att: np.ndarray, threshold: float) -> np.ndarray:
+def scored_boxes_from_map(att: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """``att`` (H, W) -> boxes (k, 4) ``[x0, y0, x1, y1]`` (exclusive ends), one per 8-connected
-    component of ``att >= threshold``, in scan order of the components."""
+    component of ``att >= threshold`` in scan order, and each one's score (k,): the sum of ``att``
+    over the component's pixels."""
     from scipy import ndimage
 
-    att = np.asarray(att)
+    att = np.asarray(att, dtype=np.float64)
     if att.ndim != 2:
         raise ValueError(f"boxes_from_map: expected an (H, W) map, got shape {att.shape}")
     labels, n = ndimage.label(att >= threshold, structure=_EIGHT)
     boxes = [[s[1].start, s[0].start, s[1].stop, s[0].stop] for s in ndimage.find_objects(labels) if s is not None]
-    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = ndimage.sum_labels(att, labels, np.arange(1, n + 1)) if n else np.zeros(0)
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(scores, dtype=np.float64)
+
+
+def boxes_from_map(att: np.ndarray, threshold: float) -> np.ndarray:
+    """The boxes of :func:`scored_boxes_from_map` without their scores."""
+    return scored_boxes_from_map(att, threshold)[0]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -81,34 +100,85 @@ class QueryRecord:
 
     present: bool
     n_pred: int
-    gt_ious: list[float] = field(default_factory=list)  # per ground-truth box (present queries)
+    gt_ious: list[float] = field(default_factory=list)  # per ground-truth box: Hungarian-matched IoU
     mean_act: float = 0.0  # mean of the attention map
     correct: bool = False  # the classifier C named the queried digit
+    label: int = -1  # the queried digit (the class of its detections)
+    scores: list[float] = field(default_factory=list)  # per predicted box
+    iou: list[list[float]] = field(default_factory=list)  # predicted x ground-truth boxes
 
 
 def score_query(att: np.ndarray, gt_boxes: Sequence[Sequence[float]], threshold: float, present: bool,
-                correct: bool = False) -> QueryRecord:
-    pred = boxes_from_map(att, threshold)
-    ious = match_ious(pred, np.asarray(gt_boxes, dtype=np.float64)) if present else np.zeros(0)
-    return QueryRecord(present, len(pred), [float(x) for x in ious], float(np.mean(att)), bool(correct))
+                correct: bool = False, label: int = -1) -> QueryRecord:
+    pred, scores = scored_boxes_from_map(att, threshold)
+    gt = np.asarray(gt_boxes if present else [], dtype=np.float64).reshape(-1, 4)
+    return QueryRecord(present, len(pred), match_ious(pred, gt).tolist(), float(np.mean(att)), bool(correct),
+                       int(label), scores.tolist(), box_iou(pred, gt).tolist())
+
+
+def average_precision(scores: Sequence[float], tp: Sequence[bool], n_gt: int) -> float:
+    """Area under the precision / recall curve of detections ``scores`` (n,) with true-positive
+    flags ``tp`` (n,) against ``n_gt`` ground-truth boxes: precision made monotone from the right,
+    summed over the recall steps (all-point interpolation, PASCAL VOC 2010+). In [0, 1]."""
+    if n_gt <= 0:
+        raise ValueError("average_precision: no ground-truth boxes, AP is undefined")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hit = np.asarray(tp, dtype=np.float64)[order]
+    tps, fps = np.cumsum(hit), np.cumsum(1.0 - hit)
+    recall = np.concatenate([[0.0], tps / n_gt])
+    precision = np.concatenate([[1.0], tps / np.maximum(tps + fps, 1.0)])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+def greedy_hits(scores: Sequence[float], iou: np.ndarray, t: float) -> np.ndarray:
+    """True-positive flags of one query's boxes at IoU ``t``: in descending score order each box
+    takes the not yet matched ground-truth box it overlaps most, if that IoU is >= ``t``."""
+    hits = np.zeros(len(scores), dtype=bool)
+    if not len(scores):
+        return hits
+    iou = np.asarray(iou, dtype=np.float64).reshape(len(scores), -1)
+    free = np.ones(iou.shape[1], dtype=bool)
+    for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"):
+        if not free.any():
+            break
+        j = int(np.argmax(np.where(free, iou[i], -1.0)))
+        if iou[i, j] >= t:
+            hits[i], free[j] = True, False
+    return hits
+
+
+def detection_map(records: Sequence[QueryRecord], t: float) -> float:
+    """Detection mAP (%) at IoU ``t``: AP per queried class over all its records' boxes, averaged
+    over the classes with ground truth. 0 when no record has ground truth."""
+    by_class: dict[int, tuple[list[float], list[bool], list[int]]] = {}
+    for r in records:
+        sc, tp, ngt = by_class.setdefault(r.label, ([], [], [0]))
+        sc.extend(r.scores)
+        tp.extend(greedy_hits(r.scores, np.asarray(r.iou), t).tolist() if r.present else [False] * len(r.scores))
+        ngt[0] += len(r.gt_ious) if r.present else 0
+    aps = [average_precision(sc, tp, ngt[0]) for sc, tp, ngt in by_class.values() if ngt[0] > 0]
+    return 100.0 * float(np.mean(aps)) if aps else 0.0
 
 
 def summarize(records: Iterable[QueryRecord], thresholds: Sequence[float] = IOU_THRESHOLDS) -> dict[str, float]:
-    """Avg IoU, precision / recall at each IoU threshold and their mean, absent-query statistics."""
+    """Avg IoU, detection mAP / precision / recall at each IoU threshold, the mean mAP and the
+    absent-query statistics."""
     records = list(records)
     present = [r for r in records if r.present]
     absent = [r for r in records if not r.present]
     ious = np.asarray([x for r in present for x in r.gt_ious], dtype=np.float64)
     n_pred = sum(max(r.n_pred, 1) for r in present)  # a blank map counts as one wrong answer
     out: dict[str, float] = {"queries": float(len(present)), "avg_iou": 100.0 * float(ious.mean()) if len(ious) else 0.0}
-    precs = []
+    aps = []
     for t in thresholds:
         tp = float((ious >= t).sum())
         tag = f"iou{int(round(t * 100))}"
+        out[f"ap_{tag}"] = detection_map(records, t)
         out[f"prec_{tag}"] = 100.0 * tp / n_pred if n_pred else 0.0
         out[f"recall_{tag}"] = 100.0 * tp / len(ious) if len(ious) else 0.0
-        precs.append(out[f"prec_{tag}"])
-    out["map"] = float(np.mean(precs)) if precs else 0.0
+        aps.append(out[f"ap_{tag}"])
+    out["map"] = float(np.mean(aps)) if aps else 0.0
     out["boxes_per_query"] = float(np.mean([r.n_pred for r in present])) if present else 0.0
     out["cls_acc"] = 100.0 * float(np.mean([r.correct for r in present])) if present else 0.0
     out["present_act"] = float(np.mean([r.mean_act for r in present])) if present else 0.0
@@ -159,5 +229,5 @@ def save_attention_overlays(images: np.ndarray, rows: list[list[dict]], path: st
     return path
 
 
-__all__ = ["IOU_THRESHOLDS", "boxes_from_map", "box_iou", "match_ious", "QueryRecord", "score_query", "summarize",
-           "save_attention_overlays"]
+__all__ = ["IOU_THRESHOLDS", "scored_boxes_from_map", "boxes_from_map", "box_iou", "match_ious", "QueryRecord",
+           "score_query", "average_precision", "greedy_hits", "detection_map", "summarize", "save_attention_overlays"]
