@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
         out["grids"] = evaluate_checkpoint(out["checkpoint"], GRID_SPLITS, cfg.ray.storage_path)
         table = table2_markdown(out["grids"])
         if cfg.tracking.enabled:
-            log_to_run(resolve_tracking_uri(cfg), out.get("run_id"), out["grids"], {"table2.md": table})
+            log_to_run(resolve_tracking_uri(cfg), out.get("run_id"), out.get("test", {}) | out["grids"], {"table2.md": table})
         print("\n=== Table 2 ===\n" + table)
     return out
 

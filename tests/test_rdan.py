@@ -5,6 +5,7 @@ real shards, and a 2-worker Ray training run."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -53,12 +54,22 @@ def test_vocab_reads_only_the_train_split(tmp_path):
     vocab = Vocab.from_dict(RDANRecipe.prepare(cfg, root)["vocab"])
     assert vocab.source == "train" and set(vocab.words[2:]) == {"a", "red", "seven"}
     assert vocab.encode("a giraffe seven") == [vocab.index["a"], UNK_ID, vocab.index["seven"]]
-    # features without pixels (converted SCAN data) cannot feed the grid CNN: refused up front
+    # features without pixels (converted SCAN data) cannot feed the grid CNN, nor any recipe that
+    # decodes images: refused before the data are read further
+    from xray_match.train.prepare import prepare_info
+
     nopix = str(tmp_path / "nopix")
     write_samples(nopix, "toy", "train", [sample("train", 0, "a red seven")], info={"convert": {"pixels": False}},
                   progress=False)
-    with pytest.raises(ConfigError, match="region_source=precomputed"):
-        RDANRecipe.prepare(cfg, nopix)
+    for overrides, field in ((["model.name=rdan"], "rdan.region_source='grid'"), (["model.name=moco"], "model.name='moco'"),
+                             (["model.name=dspe"], "dspe.image_source='cnn'")):
+        with pytest.raises(ConfigError, match=f"^{field.split('=')[0]}: .*nopix.* info.convert.pixels = false.*"
+                                              f"{re.escape(field)} reads images"):
+            prepare_info(load_config(None, overrides + [f"data.path={nopix}"]), progress=False)
+    # with precomputed regions the same data pass this check (and stop at the missing val split)
+    with pytest.raises(ConfigError, match="data.val_split"):
+        prepare_info(load_config(None, ["model.name=rdan", "rdan.region_source=precomputed", f"data.path={nopix}"]),
+                     progress=False)
 
 
 # ----------------------------------------------------------------------------- Eq. (1-4)

@@ -140,6 +140,10 @@ class _Featurize:
 
 
 class _DSPEBase(Recipe):
+    @classmethod
+    def pixels_field(cls, cfg: Config) -> str | None:
+        return "dspe.image_source" if cfg.dspe.image_source == "cnn" else None
+
     def text_state(self) -> dict[str, Any]:
         st = self.info.prepared.get("text")
         if st is None:

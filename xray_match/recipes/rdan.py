@@ -167,15 +167,13 @@ class RDANRecipe(Recipe):
     mode = "max"
 
     @classmethod
+    def pixels_field(cls, cfg: Config) -> str | None:
+        return "rdan.region_source" if cfg.rdan.region_source == "grid" else None
+
+    @classmethod
     def prepare(cls, cfg: Config, root: str) -> dict[str, Any]:
         """The vocabulary, from the train split's captions only (vsepp#29 leaked test words)."""
         effective(cfg)  # refuse an impossible ablation before any worker starts
-        from xray_match.data.format import read_manifest
-
-        pixels = read_manifest(root).info.get("convert", {}).get("pixels", True)
-        if cfg.rdan.region_source == "grid" and pixels is False:
-            raise ConfigError(f"rdan.region_source: {root} holds precomputed features without pixels "
-                              "(manifest info.convert.pixels = false); use rdan.region_source=precomputed")
         split = cfg.data.train_split
         vocab = build_vocab(split_captions(root, split), cfg.rdan.min_word_count, source=split)
         return {"vocab": vocab.to_dict()}

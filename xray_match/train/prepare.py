@@ -3,6 +3,7 @@ manifest, and run the recipe's train-split-only ``prepare``."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 from xray_match.config import Config, ConfigError, xray_home
@@ -38,6 +39,12 @@ def resolve_data(cfg: Config, progress: bool = True) -> str:
 def prepare_info(cfg: Config, progress: bool = True) -> DataInfo:
     root = resolve_data(cfg, progress)
     manifest = read_manifest(root)
+    recipe = RECIPES.get(cfg.model.name)
+    needs = recipe.pixels_field(cfg)
+    if needs and manifest.info.get("convert", {}).get("pixels", True) is False:
+        value = functools.reduce(getattr, needs.split("."), cfg)
+        raise ConfigError(f"{needs}: {root} holds precomputed features without pixels (manifest info.convert.pixels "
+                          f"= false), and {needs}={value!r} reads images")
     for key in ("train_split", "val_split"):
         split = getattr(cfg.data, key)
         if split not in manifest.splits:
@@ -47,7 +54,7 @@ def prepare_info(cfg: Config, progress: bool = True) -> DataInfo:
     if cfg.data.steps_per_epoch == 0 and counts[cfg.data.train_split] < cfg.data.batch_size * cfg.ray.num_workers:
         raise ConfigError(f"data.batch_size: the train split ({counts[cfg.data.train_split]}) is smaller than one global batch")
     info = DataInfo(root=root, dataset=manifest.dataset, counts=counts)
-    info.prepared = RECIPES.get(cfg.model.name).prepare(cfg, root)
+    info.prepared = recipe.prepare(cfg, root)
     info.prepared.setdefault("train_shards", n_shards)
     return info
 

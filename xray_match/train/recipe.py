@@ -87,6 +87,14 @@ class Recipe:
         tf-idf fit, ...). Must be picklable; it is saved in checkpoints and registered models."""
         return {}
 
+    @classmethod
+    def pixels_field(cls, cfg: Config) -> str | None:
+        """The config field that makes this run decode images, or None when it reads only
+        precomputed features. :func:`~xray_match.train.prepare.prepare_info` refuses such a run on
+        shards converted without pixels (manifest ``info.convert.pixels`` false) before any worker
+        starts. Every recipe but those with a precomputed-feature option reads pixels."""
+        return "model.name"
+
     # ---- builders --------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         raise NotImplementedError
