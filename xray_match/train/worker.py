@@ -9,6 +9,7 @@ same ``ray.name`` is started again.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -18,6 +19,18 @@ import torch
 
 from xray_match.config import Config, xray_home
 from xray_match.train.recipe import DataInfo, worker_env
+
+# Worker progress goes through logging, not print: Ray Train V2 patches print on its workers to tee
+# into the root logger as well as the (Ray-wrapped) stdout, so every printed line reached the
+# driver twice. A log record reaches it once, and Train's per-worker log files get it too.
+_LOG = logging.getLogger("xray_match.train")
+
+
+def _log(line: str) -> None:
+    if _LOG.isEnabledFor(logging.INFO) and logging.getLogger().handlers:
+        _LOG.info("[xray_match] %s", line)
+    else:  # logging not set up for INFO here (Train's logging switched off): print instead
+        print(f"[xray_match] {line}", flush=True)
 
 CKPT_FILE = "checkpoint.pt"
 #: fault injection for tests of FailureConfig: "RANK:EPOCH:MARKER" makes worker RANK exit hard once
@@ -76,7 +89,7 @@ def train_func(config: dict[str, Any]) -> None:
             if any(p.requires_grad for p in model.parameters()) else model
 
     run(cfg, info, rank=rank, world_size=world, device=device, wrap_model=wrap, start_state=start,
-        report=report, log=lambda s: print(f"[xray_match] {s}", flush=True))
+        report=report, log=_log)
     logger.end()
 
 
