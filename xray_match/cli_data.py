@@ -79,7 +79,7 @@ def _run(convert: Callable[[argparse.Namespace, Any], Any]) -> Callable[[argpars
 def summary(out: str, manifest: Any) -> str:
     """What was written, per split: images, shards, and what was skipped."""
     conv = manifest.info.get("convert", {})
-    lines = [f"{manifest.dataset} -> {out}" + ("" if conv.get("pixels", True) else "  (no pixels: precomputed regions)")]
+    lines = [f"{manifest.dataset} -> {out}" + ("" if manifest.has_pixels else "  (no pixels: precomputed regions)")]
     for split in sorted(manifest.splits):
         s = conv.get("splits", {}).get(split, {})
         skipped = s.get("skipped", {})

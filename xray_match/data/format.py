@@ -62,6 +62,12 @@ class Manifest:
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def has_pixels(self) -> bool:
+        """False for shards converted without pixels (``info.convert.pixels: false``, precomputed
+        regions only); True otherwise."""
+        return self.info.get("convert", {}).get("pixels", True) is not False
+
     def count(self, split: str) -> int:
         return sum(s.count for s in self.shards(split))
 

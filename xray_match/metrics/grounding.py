@@ -81,16 +81,17 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def match_ious(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """One-to-one matching by maximum total IoU; returns each ground-truth box's matched IoU (m,)."""
+    return _hungarian_ious(box_iou(pred, gt))
+
+
+def _hungarian_ious(iou: np.ndarray) -> np.ndarray:
+    """Each column's IoU under the one-to-one row/column matching of maximum total ``iou`` (n, m)."""
     from scipy.optimize import linear_sum_assignment
 
-    gt = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
-    out = np.zeros(len(gt))
-    pred = np.asarray(pred, dtype=np.float64).reshape(-1, 4)
-    if len(gt) == 0 or len(pred) == 0:
-        return out
-    iou = box_iou(pred, gt)  # (n, m)
-    rows, cols = linear_sum_assignment(-iou)
-    out[cols] = iou[rows, cols]
+    out = np.zeros(iou.shape[1])
+    if iou.size:
+        rows, cols = linear_sum_assignment(-iou)
+        out[cols] = iou[rows, cols]
     return out
 
 
@@ -111,9 +112,9 @@ class QueryRecord:
 def score_query(att: np.ndarray, gt_boxes: Sequence[Sequence[float]], threshold: float, present: bool,
                 correct: bool = False, label: int = -1) -> QueryRecord:
     pred, scores = scored_boxes_from_map(att, threshold)
-    gt = np.asarray(gt_boxes if present else [], dtype=np.float64).reshape(-1, 4)
-    return QueryRecord(present, len(pred), match_ious(pred, gt).tolist(), float(np.mean(att)), bool(correct),
-                       int(label), scores.tolist(), box_iou(pred, gt).tolist())
+    iou = box_iou(pred, gt_boxes if present else [])  # (boxes, ground truth)
+    return QueryRecord(present, len(pred), _hungarian_ious(iou).tolist(), float(np.mean(att)), bool(correct),
+                       int(label), scores.tolist(), iou.tolist())
 
 
 def average_precision(scores: Sequence[float], tp: Sequence[bool], n_gt: int) -> float:
@@ -151,13 +152,16 @@ def greedy_hits(scores: Sequence[float], iou: np.ndarray, t: float) -> np.ndarra
 def detection_map(records: Sequence[QueryRecord], t: float) -> float:
     """Detection mAP (%) at IoU ``t``: AP per queried class over all its records' boxes, averaged
     over the classes with ground truth. 0 when no record has ground truth."""
-    by_class: dict[int, tuple[list[float], list[bool], list[int]]] = {}
+    by_class: dict[int, list[QueryRecord]] = {}
     for r in records:
-        sc, tp, ngt = by_class.setdefault(r.label, ([], [], [0]))
-        sc.extend(r.scores)
-        tp.extend(greedy_hits(r.scores, np.asarray(r.iou), t).tolist() if r.present else [False] * len(r.scores))
-        ngt[0] += len(r.gt_ious) if r.present else 0
-    aps = [average_precision(sc, tp, ngt[0]) for sc, tp, ngt in by_class.values() if ngt[0] > 0]
+        by_class.setdefault(r.label, []).append(r)
+    aps = []
+    for recs in by_class.values():
+        n_gt = sum(len(r.gt_ious) for r in recs if r.present)
+        if n_gt:
+            hits = [greedy_hits(r.scores, np.asarray(r.iou), t) if r.present else np.zeros(len(r.scores), bool)
+                    for r in recs]
+            aps.append(average_precision([s for r in recs for s in r.scores], np.concatenate(hits), n_gt))
     return 100.0 * float(np.mean(aps)) if aps else 0.0
 
 

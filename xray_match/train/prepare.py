@@ -41,7 +41,7 @@ def prepare_info(cfg: Config, progress: bool = True) -> DataInfo:
     manifest = read_manifest(root)
     recipe = RECIPES.get(cfg.model.name)
     needs = recipe.pixels_field(cfg)
-    if needs and manifest.info.get("convert", {}).get("pixels", True) is False:
+    if needs and not manifest.has_pixels:
         value = functools.reduce(getattr, needs.split("."), cfg)
         raise ConfigError(f"{needs}: {root} holds precomputed features without pixels (manifest info.convert.pixels "
                           f"= false), and {needs}={value!r} reads images")
