@@ -13,8 +13,8 @@ import torch
 
 from xray_match.config import ConfigError, load_config
 from xray_match.losses.grounding import GroundingLoss, attention_l2, pair_loss
-from xray_match.metrics.grounding import (QueryRecord, average_precision, box_iou, boxes_from_map, detection_map,
-                                          greedy_hits, match_ious, save_attention_overlays, score_query,
+from xray_match.metrics.grounding import (QueryRecord, average_precision, box_iou, boxes_from_map, class_aps,
+                                          detection_map, greedy_hits, match_ious, save_attention_overlays, score_query,
                                           scored_boxes_from_map, summarize)
 from xray_match.models.backbones import DigitClassifier, resnet18_stride1
 
@@ -186,8 +186,12 @@ def test_detection_map_hand_computed():
     # at IoU 0.1 the blob also finds [0,0,2,2] (IoU 1/9): class 3 gets TP, TP -> AP 1
     assert detection_map(recs, 0.1) == pytest.approx(100.0)
     assert detection_map(recs[1:2], 0.5) == 0.0  # no class with ground truth
+    assert class_aps(recs, 0.5) == pytest.approx({3: 25.0, 7: 100.0})
+    assert class_aps(recs[1:2], 0.5) == {}  # an absent-only class has no AP
     s = summarize(recs)
     assert s["ap_iou50"] == pytest.approx(62.5) and s["map"] == pytest.approx((s["ap_iou30"] + s["ap_iou40"] + 62.5) / 3)
+    assert (s["ap_iou50_c3"], s["ap_iou50_c7"]) == pytest.approx((25.0, 100.0)) and "ap_iou30_c3" not in s
+    assert not any("_c" in k for k in summarize(recs, per_class_t=None))
 
 
 def test_overlay_png(tmp_path):
@@ -454,3 +458,6 @@ def test_table2_markdown_rows_hold_map_precision_recall_and_the_paper():
     assert lines[2] == ("| 2x2 (ours) | 60.00 | 50.00 | 40.00 | 50.00 | 20.0 / 15.0 / 10.0 | 70.0 / 55.0 / 35.0 | "
                         "41.50 | 0.050 / 0.125 |")
     assert lines[3] == "| 2x2 (paper) | 94.48 | 96.22 | 71.53 | 87.41 | | | | |"
+    m |= {"ap_iou50_c1": 5.4, "ap_iou50_c7": 0.0}
+    lines = table2_markdown({f"test_2x2/{k}": v for k, v in m.items()}).splitlines()
+    assert lines[4:] == ["", "| AP@0.5 per digit | 1 | 7 |", "| --- | --- | --- |", "| 2x2 | 5.4 | 0.0 |"]

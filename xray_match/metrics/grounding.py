@@ -149,25 +149,34 @@ def greedy_hits(scores: Sequence[float], iou: np.ndarray, t: float) -> np.ndarra
     return hits
 
 
-def detection_map(records: Sequence[QueryRecord], t: float) -> float:
-    """Detection mAP (%) at IoU ``t``: AP per queried class over all its records' boxes, averaged
-    over the classes with ground truth. 0 when no record has ground truth."""
+def class_aps(records: Sequence[QueryRecord], t: float) -> dict[int, float]:
+    """AP (%) at IoU ``t`` per queried class with ground truth: that class's boxes from all its
+    records (absent queries' boxes are false positives), ranked by score, greedily matched."""
     by_class: dict[int, list[QueryRecord]] = {}
     for r in records:
         by_class.setdefault(r.label, []).append(r)
-    aps = []
-    for recs in by_class.values():
+    aps = {}
+    for label, recs in sorted(by_class.items()):
         n_gt = sum(len(r.gt_ious) for r in recs if r.present)
         if n_gt:
             hits = [greedy_hits(r.scores, np.asarray(r.iou), t) if r.present else np.zeros(len(r.scores), bool)
                     for r in recs]
-            aps.append(average_precision([s for r in recs for s in r.scores], np.concatenate(hits), n_gt))
-    return 100.0 * float(np.mean(aps)) if aps else 0.0
+            aps[label] = 100.0 * average_precision([s for r in recs for s in r.scores], np.concatenate(hits), n_gt)
+    return aps
 
 
-def summarize(records: Iterable[QueryRecord], thresholds: Sequence[float] = IOU_THRESHOLDS) -> dict[str, float]:
-    """Avg IoU, detection mAP / precision / recall at each IoU threshold, the mean mAP and the
-    absent-query statistics."""
+def detection_map(records: Sequence[QueryRecord], t: float) -> float:
+    """Detection mAP (%) at IoU ``t``: :func:`class_aps` averaged over the classes with ground
+    truth. 0 when no record has ground truth."""
+    aps = class_aps(records, t)
+    return float(np.mean(list(aps.values()))) if aps else 0.0
+
+
+def summarize(records: Iterable[QueryRecord], thresholds: Sequence[float] = IOU_THRESHOLDS,
+              per_class_t: float | None = 0.5) -> dict[str, float]:
+    """Avg IoU, detection mAP / precision / recall at each IoU threshold, the mean mAP, the AP of
+    each class at IoU ``per_class_t`` (``ap_iou50_c<k>``; weakly supervised grounding tends to fail
+    whole classes, which the mean hides) and the absent-query statistics."""
     records = list(records)
     present = [r for r in records if r.present]
     absent = [r for r in records if not r.present]
@@ -178,7 +187,10 @@ def summarize(records: Iterable[QueryRecord], thresholds: Sequence[float] = IOU_
     for t in thresholds:
         tp = float((ious >= t).sum())
         tag = f"iou{int(round(t * 100))}"
-        out[f"ap_{tag}"] = detection_map(records, t)
+        per_class = class_aps(records, t)
+        out[f"ap_{tag}"] = float(np.mean(list(per_class.values()))) if per_class else 0.0
+        if t == per_class_t:
+            out |= {f"ap_{tag}_c{k}": v for k, v in per_class.items()}
         out[f"prec_{tag}"] = 100.0 * tp / n_pred if n_pred else 0.0
         out[f"recall_{tag}"] = 100.0 * tp / len(ious) if len(ious) else 0.0
         aps.append(out[f"ap_{tag}"])
@@ -234,4 +246,4 @@ def save_attention_overlays(images: np.ndarray, rows: list[list[dict]], path: st
 
 
 __all__ = ["IOU_THRESHOLDS", "scored_boxes_from_map", "boxes_from_map", "box_iou", "match_ious", "QueryRecord",
-           "score_query", "average_precision", "greedy_hits", "detection_map", "summarize", "save_attention_overlays"]
+           "score_query", "average_precision", "greedy_hits", "class_aps", "detection_map", "summarize", "save_attention_overlays"]

@@ -413,6 +413,16 @@ def table2_markdown(metrics: dict[str, float]) -> str:
                      f"{m['recall_iou30']:.1f} / {m['recall_iou40']:.1f} / {m['recall_iou50']:.1f} | "
                      f"{m['avg_iou']:.2f} | {m.get('absent_act', 0):.3f} / {m['present_act']:.3f} |")
         lines.append(f"| {label} (paper) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {p[3]:.2f} | | | | |")
+    # AP@0.5 per digit: the mean hides whole digits the attention fails on (docs/reproduction.md)
+    per_digit = {split: {int(k.rsplit("_c", 1)[1]): v for k, v in metrics.items() if k.startswith(f"{split}/ap_iou50_c")}
+                 for split in ("test_3x3", "test_2x2")}
+    digits = sorted({k for d in per_digit.values() for k in d})
+    if digits:
+        lines += ["", "| AP@0.5 per digit | " + " | ".join(map(str, digits)) + " |", "| --- |" + " --- |" * len(digits)]
+        for split, label in (("test_3x3", "3x3"), ("test_2x2", "2x2")):
+            if per_digit[split]:
+                lines.append(f"| {label} | " + " | ".join(f"{per_digit[split][k]:.1f}" if k in per_digit[split] else ""
+                                                        for k in digits) + " |")
     return "\n".join(lines) + "\n"
 
 
