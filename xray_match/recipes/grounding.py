@@ -403,6 +403,7 @@ def table2_markdown(metrics: dict[str, float]) -> str:
     lines = ["| group | mAP@0.3 | mAP@0.4 | mAP@0.5 | Avg mAP | precision @0.3 / 0.4 / 0.5 | "
              "recall @0.3 / 0.4 / 0.5 | Avg IoU | absent / present activation |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    per_digit: dict[str, dict[int, float]] = {}  # group -> digit -> AP@0.5
     for split, label in (("test_3x3", "3x3"), ("test_2x2", "2x2")):
         if f"{split}/map" not in metrics:
             continue
@@ -413,16 +414,14 @@ def table2_markdown(metrics: dict[str, float]) -> str:
                      f"{m['recall_iou30']:.1f} / {m['recall_iou40']:.1f} / {m['recall_iou50']:.1f} | "
                      f"{m['avg_iou']:.2f} | {m.get('absent_act', 0):.3f} / {m['present_act']:.3f} |")
         lines.append(f"| {label} (paper) | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {p[3]:.2f} | | | | |")
+        per_digit[label] = {int(k.removeprefix("ap_iou50_c")): v for k, v in m.items() if k.startswith("ap_iou50_c")}
     # AP@0.5 per digit: the mean hides whole digits the attention fails on (docs/reproduction.md)
-    per_digit = {split: {int(k.rsplit("_c", 1)[1]): v for k, v in metrics.items() if k.startswith(f"{split}/ap_iou50_c")}
-                 for split in ("test_3x3", "test_2x2")}
-    digits = sorted({k for d in per_digit.values() for k in d})
+    digits = sorted({k for aps in per_digit.values() for k in aps})
     if digits:
         lines += ["", "| AP@0.5 per digit | " + " | ".join(map(str, digits)) + " |", "| --- |" + " --- |" * len(digits)]
-        for split, label in (("test_3x3", "3x3"), ("test_2x2", "2x2")):
-            if per_digit[split]:
-                lines.append(f"| {label} | " + " | ".join(f"{per_digit[split][k]:.1f}" if k in per_digit[split] else ""
-                                                        for k in digits) + " |")
+        for label, aps in per_digit.items():
+            if aps:
+                lines.append(f"| {label} | " + " | ".join(f"{aps[k]:.1f}" if k in aps else "" for k in digits) + " |")
     return "\n".join(lines) + "\n"
 
 
