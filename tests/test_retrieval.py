@@ -8,6 +8,7 @@ import torch
 
 from xray_match.metrics.retrieval import (
     embedding_recall,
+    mean_pairwise_cosine,
     fold_recall,
     folds,
     format_recall,
@@ -39,6 +40,34 @@ def test_ranks_by_hand():
     # c0: img0 0.9 best -> 0; c1: img0 0.1 < 0.4, 0.95 -> 2; c2: img1 0.3 < 0.8 -> 1;
     # c3: img1 0.6 best -> 0; c4: img2 0.4 < 0.7 -> 1; c5: img2 0.3 best -> 0
     assert ranks_t2i(scores, ci).tolist() == [0, 2, 1, 0, 1, 0]
+
+
+def test_ties_count_against_the_ground_truth():
+    """A collapsed model scores every pair alike: it must not look perfect (R@K = 0, below the
+    chance level K / N), in the full-matrix and in the chunked path alike."""
+    ci = torch.arange(20).repeat_interleave(5)  # 20 images x 5 captions
+    const = torch.full((20, 100), 0.3)
+    m = recall_at_k(const, ci)
+    assert m["rsum"] == 0.0
+    assert all(m[f"i2t_r{k}"] <= 100 * 5 * k / 100 and m[f"t2i_r{k}"] <= 100 * k / 20 for k in (1, 5, 10))
+    emb = torch.ones(20, 4) / 2  # identical unit embeddings: every score is 1
+    assert embedding_recall(emb, torch.ones(100, 4) / 2, ci, chunk=7)["rsum"] == 0.0
+    # a single tie: image 0's only caption c0 ties with c1 (another image's) -> rank 1, not 0;
+    # caption c1's column: image 1 (0.5) ties with image 0 (0.5) -> rank 1
+    s = torch.tensor([[0.5, 0.5], [0.1, 0.5]])
+    assert ranks_i2t(s, torch.tensor([0, 1])).tolist() == [1, 0]
+    assert ranks_t2i(s, torch.tensor([0, 1])).tolist() == [0, 1]
+    # ties among an image's own captions do not count against it
+    s = torch.tensor([[0.7, 0.7, 0.2]])
+    assert ranks_i2t(torch.cat([s, torch.tensor([[0.0, 0.0, 0.9]])]), torch.tensor([0, 0, 1])).tolist() == [0, 0]
+
+
+def test_mean_pairwise_cosine_by_hand():
+    # rows (1,0), (0,1), (1,1)/sqrt2: pair cosines 0, 1/sqrt2, 1/sqrt2 -> mean sqrt2/3 = 0.471405
+    e = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    assert mean_pairwise_cosine(e) == pytest.approx(2 ** 0.5 / 3, abs=1e-9)
+    assert mean_pairwise_cosine(torch.ones(5, 3)) == pytest.approx(1.0)  # collapsed
+    assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-1.0)
 
 
 def test_recall_at_k_by_hand():

@@ -3,6 +3,11 @@
 Conventions: ``scores`` is (N_images, N_captions); ``caption_image[j]`` is the index of the image
 that caption ``j`` describes. Image->text counts a hit when *any* of the image's captions ranks
 within K (the standard 5-captions-per-image protocol); text->image when the caption's image does.
+
+Ties count against the ground truth: a wrong item scoring *equal* to it ranks above it. Counting
+only strictly greater scores (as SCAN / VSE++ do through ``argsort`` order, or ``>``) lets a
+collapsed model, whose scores are all equal, score R@1 = 100; here a constant score matrix
+scores R@K = 0, below chance.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ def ranks_i2t(scores: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor
     n_img = scores.shape[0]
     gt = caption_image.view(1, -1) == torch.arange(n_img, device=scores.device).view(-1, 1)  # (N_i, N_c)
     best_gt = scores.masked_fill(~gt, float("-inf")).max(dim=1, keepdim=True).values  # (N_i, 1)
-    return (scores > best_gt).sum(dim=1)
+    return ((scores >= best_gt) & ~gt).sum(dim=1)
 
 
 def ranks_t2i(scores: torch.Tensor, caption_image: torch.Tensor) -> torch.Tensor:
     """(N_captions,) 0-based rank of each caption's image."""
     gt_score = scores.gather(0, caption_image.view(1, -1))  # (1, N_c)
-    return (scores > gt_score).sum(dim=0)
+    return (scores >= gt_score).sum(dim=0) - 1  # the ground truth itself ties with its own score
 
 
 def recall_from_ranks(ranks: torch.Tensor, ks: Sequence[int] = KS) -> dict[int, float]:
@@ -67,15 +72,15 @@ def chunked_ranks(
         idx = torch.arange(rows.start, rows.stop)
         mine = (caption_image.view(1, -1) == idx.view(-1, 1))  # (b, N_c)
         best = s.masked_fill(~mine, float("-inf")).max(dim=1, keepdim=True).values
-        r_i2t[rows] = (s > best).sum(dim=1)
+        r_i2t[rows] = ((s >= best) & ~mine).sum(dim=1)
         sel = (caption_image >= rows.start) & (caption_image < rows.stop)
         cols = sel.nonzero().squeeze(1)
         gt_score[cols] = s[caption_image[cols] - rows.start, cols]
     r_t2i = torch.zeros(n_cap, dtype=torch.long)
     for rows in blocks:
         s = score_block(rows).float().cpu()
-        r_t2i += (s > gt_score.view(1, -1)).sum(dim=0)
-    return r_i2t, r_t2i
+        r_t2i += (s >= gt_score.view(1, -1)).sum(dim=0)
+    return r_i2t, r_t2i - 1  # minus the ground truth itself
 
 
 def embedding_recall(
@@ -85,6 +90,17 @@ def embedding_recall(
     caption_image = caption_image.cpu()
     r_i2t, r_t2i = chunked_ranks(lambda rows: image_emb[rows] @ text_emb.T, image_emb.shape[0], caption_image, chunk)
     return summarize(r_i2t, r_t2i, ks)
+
+
+def mean_pairwise_cosine(emb: torch.Tensor) -> float:
+    """Mean cosine similarity over distinct pairs of rows of ``emb`` (N, D): near 1 when the
+    embeddings have collapsed onto one direction, near 0 when they spread out. O(N D): the sum
+    over all pairs of u_i . u_j is |sum_i u_i|^2, and the N diagonal terms are each 1."""
+    n = emb.shape[0]
+    if n < 2:
+        return float("nan")
+    u = torch.nn.functional.normalize(emb.double(), dim=1)
+    return ((u.sum(0).square().sum() - n) / (n * (n - 1))).item()
 
 
 # ----------------------------------------------------------------------------- protocols
