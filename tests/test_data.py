@@ -130,6 +130,28 @@ def test_train_streams_are_disjoint_per_rank_and_worker_and_endless(tiny_scenes)
     assert parts[0].isdisjoint(parts[1]) and len(parts[0] | parts[1]) == 240
 
 
+_ORDER = """
+import sys
+from xray_match.data.reader import make_loader
+loader = make_loader(sys.argv[1], "train", None, None, batch_size=8, train=True, num_workers=1, shuffle_buffer=20,
+                     seed=int(sys.argv[2]), epoch=1)
+it = iter(loader)
+print(" ".join(s["key"] for _ in range(6) for s in next(it)))
+"""
+
+
+def test_training_order_is_a_function_of_the_seed_alone(tiny_scenes):
+    """Two processes with different PYTHONHASHSEEDs and one seed see one order; another seed, another."""
+    def order(seed: int, hashseed: str) -> str:
+        env = os.environ | {"PYTHONHASHSEED": hashseed}
+        return subprocess.run([sys.executable, "-c", _ORDER, tiny_scenes, str(seed)], env=env, capture_output=True,
+                              text=True, check=True, timeout=300).stdout
+
+    a = order(3, "1")
+    assert len(a.split()) == 48 and a == order(3, "2")
+    assert order(4, "1") != a
+
+
 def test_make_loader_batches(tiny_scenes):
     loader = make_loader(tiny_scenes, "val", None, None, batch_size=16, train=False, num_workers=2)
     batches = list(loader)

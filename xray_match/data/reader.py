@@ -191,7 +191,7 @@ class ShardStream(IterableDataset):
         if not self.train:
             yield from self._samples(urls, stride, offset)
             return
-        rng = random.Random(hash((self.seed, self.epoch, slot)) & 0xFFFFFFFF)
+        rng = seeded_rng(self.seed, self.epoch, slot, "shards")
         while True:  # endless: the loop decides how many steps make an epoch
             order = urls[:]
             rng.shuffle(order)
@@ -204,7 +204,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, _ = self._reader_slot()
-        rng = random.Random(hash((self.seed, self.epoch, slot, "buffer")) & 0xFFFFFFFF)
+        rng = seeded_rng(self.seed, self.epoch, slot, "buffer")
         source = self._stream()
         if self.train and self.shuffle_buffer > 1:
             source = _buffer_shuffle(source, self.shuffle_buffer, rng)
@@ -225,6 +225,13 @@ class ShardStream(IterableDataset):
                 item["_skipped"] = skipped
                 skipped = 0
             yield item
+
+
+def seeded_rng(*parts: Any) -> random.Random:
+    """A generator that is a function of ``parts`` alone. ``random.Random`` seeds a ``str`` through
+    SHA-512, the same in every process; ``hash()`` of a tuple holding a string changes with each
+    process's PYTHONHASHSEED, so two runs with one seed would see different orders."""
+    return random.Random(":".join(str(p) for p in parts))
 
 
 def _buffer_shuffle(source: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
