@@ -26,12 +26,39 @@ def test_batch_negatives_both_directions_and_same_image_masked():
     img = torch.eye(3)
     txt = torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]])
     ids = torch.tensor([10, 11, 10])  # items 0 and 2 show the same image
-    i2t, t2i = BatchNegatives().logits({"image_emb": img, "text_emb": txt}, ids)
+    i2t, t2i = BatchNegatives().logits({"image_emb": img, "text_emb": txt}, ids, torch.tensor([0, 1, 2]))
     # row 1: positive img1.txt1 = 0; negatives txt0 (0), txt2 (1)
     assert i2t[1].tolist() == [0.0, 0.0, 1.0]
     # row 0: positive 1; negatives txt1 (0) and txt2 (masked: same image)
     assert i2t[0, 0] == 1.0 and i2t[0, 1] == 0.0 and i2t[0, 2] == float("-inf")
     assert t2i.shape == (3, 3) and t2i[2, 0] == 0.0  # txt2 . img2 = 0 is its positive
+
+
+def test_same_sentence_is_no_negative_in_every_sampler():
+    """Two images described by the same sentence ("handwritten seven"): neither pair pushes the
+    other away, in either direction, in the batch, queue and rerank samplers alike."""
+    from xray_match.recipes.moco import MocoTransform, collate_tokens  # noqa: F401 (text ids come from here)
+    from xray_match.text.vocab import sentence_key
+    from xray_match.data.transforms import stable_id
+
+    same = [stable_id(sentence_key(t)) for t in ("Handwritten seven.", "handwritten  SEVEN")]
+    assert same[0] == same[1] != stable_id(sentence_key("handwritten one"))
+    img = _keys([1, 0], [0, 1], [1, 1])
+    txt = _keys([1, 0], [0, 1], [1, -1])
+    ids, tids = torch.tensor([10, 11, 12]), torch.tensor([same[0], 7, same[1]])  # pairs 0 and 2: one sentence
+    i2t, t2i = BatchNegatives().logits({"image_emb": img, "text_emb": txt}, ids, tids)
+    inf = float("-inf")
+    # row 0: negatives txt1 (kept) and txt2 (same sentence as txt0: masked); row 2 likewise for txt0
+    assert i2t[0, 2] == inf and i2t[0, 1] != inf and i2t[2, 1] == inf and i2t[2, 2] != inf
+    assert t2i[0, 2] == inf and t2i[2, 1] == inf and (t2i[1, 1:] != inf).all()
+    for sampler in (QueueNegatives(size=3, dim=2), RerankNegatives(size=3, dim=2, top_n=2)):
+        sampler.update({"image_key": img, "text_key": txt}, ids, tids)
+        out = {"image_emb": img[:1], "text_emb": txt[:1], "image_key": img[:1], "text_key": txt[:1]}
+        # a new image (id 20) whose caption is the same sentence as the enqueued pairs 0 and 2
+        q_i2t, q_t2i = sampler.logits(out, torch.tensor([20]), torch.tensor([same[0]]))
+        assert (q_i2t[0, 1:] > inf).sum() == 1 and (q_t2i[0, 1:] > inf).sum() == 1  # only slot 1 is a negative
+        if isinstance(sampler, QueueNegatives) and not isinstance(sampler, RerankNegatives):
+            assert q_i2t[0, 1:].tolist() == [inf, pytest.approx(0.0, abs=1e-6), inf]
 
 
 def _keys(*rows):
@@ -41,16 +68,16 @@ def _keys(*rows):
 def test_queue_is_fifo_and_masks_empty_and_same_image_slots():
     q = QueueNegatives(size=4, dim=2)
     a, b, c = _keys([1, 0], [0, 1]), _keys([1, 1], [1, -1]), _keys([-1, 0], [0, -1])
-    q.update({"image_key": a, "text_key": a}, torch.tensor([1, 2]))
+    q.update({"image_key": a, "text_key": a}, torch.tensor([1, 2]), torch.tensor([1, 2]))
     assert q.queue_ids.tolist() == [1, 2, -1, -1] and int(q.ptr) == 2
-    q.update({"image_key": b, "text_key": b}, torch.tensor([3, 4]))
-    q.update({"image_key": c, "text_key": c}, torch.tensor([5, 6]))  # the oldest batch (a) goes
+    q.update({"image_key": b, "text_key": b}, torch.tensor([3, 4]), torch.tensor([3, 4]))
+    q.update({"image_key": c, "text_key": c}, torch.tensor([5, 6]), torch.tensor([5, 6]))  # the oldest batch (a) goes
     assert q.queue_ids.tolist() == [5, 6, 3, 4] and int(q.ptr) == 2 and int(q.filled) == 4
     assert torch.allclose(q.text_queue[:2], c) and torch.allclose(q.text_queue[2:], b)
     fresh = QueueNegatives(size=4, dim=2)
-    fresh.update({"image_key": a, "text_key": a}, torch.tensor([1, 2]))
+    fresh.update({"image_key": a, "text_key": a}, torch.tensor([1, 2]), torch.tensor([1, 2]))
     out = {"image_emb": _keys([1, 0]), "text_emb": _keys([0, 1]), "image_key": _keys([0, 1]), "text_key": _keys([1, 0])}
-    i2t, _ = fresh.logits(out, torch.tensor([2]))
+    i2t, _ = fresh.logits(out, torch.tensor([2]), torch.tensor([9]))
     # positive q.k+ = 1; slot 0 (id 1) = 1.0; slot 1 is the same image (id 2), slots 2-3 empty
     assert i2t[0].tolist() == [1.0, 1.0, float("-inf"), float("-inf"), float("-inf")]
 
@@ -58,16 +85,16 @@ def test_queue_is_fifo_and_masks_empty_and_same_image_slots():
 def test_queue_size_must_be_a_multiple_of_the_global_batch():
     with pytest.raises(ValueError, match="not a multiple"):
         QueueNegatives(size=5, dim=2).update({"image_key": _keys([1, 0], [0, 1]), "text_key": _keys([1, 0], [0, 1])},
-                                             torch.tensor([1, 2]))
+                                             torch.tensor([1, 2]), torch.tensor([1, 2]))
 
 
 def test_rerank_keeps_the_top_n_hardest():
     r = RerankNegatives(size=4, dim=2, top_n=2)
     bank = _keys([1, 0], [0.8, 0.6], [0, 1], [-1, 0])
-    r.update({"image_key": bank, "text_key": bank}, torch.tensor([1, 2, 3, 4]))
+    r.update({"image_key": bank, "text_key": bank}, torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 3, 4]))
     q = _keys([1, 0])
     out = {"image_emb": q, "text_emb": q, "image_key": q, "text_key": _keys([0.6, 0.8])}
-    i2t, _ = r.logits(out, torch.tensor([1]))  # id 1 is the query's own image: masked
+    i2t, _ = r.logits(out, torch.tensor([1]), torch.tensor([9]))  # id 1 is the query's own image: masked
     # scores vs bank: [1.0 (masked), 0.8, 0.0, -1.0] -> the 2 hardest are 0.8 and 0.0
     assert i2t.shape == (1, 3)
     assert i2t[0].tolist() == pytest.approx([0.6, 0.8, 0.0])
@@ -106,7 +133,7 @@ def test_gaze_eq2_multiplies_every_channel():
 def test_symmetric_loss_and_paper_metrics():
     loss = InfoNCELoss(BatchNegatives(), temperature=1.0)
     e = torch.eye(2)
-    out = loss({"image_emb": e, "text_emb": e}, {"image_id": torch.tensor([1, 2])})
+    out = loss({"image_emb": e, "text_emb": e}, {"image_id": torch.tensor([1, 2]), "text_id": torch.tensor([1, 2])})
     # each row: positive 1, one negative 0 -> log(1 + e^-1) = 0.313262 in both directions
     assert out["nce_loss"].item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
     assert out["acc"].item() == 1.0 and out["avg_similarity"].item() == 1.0
@@ -162,7 +189,7 @@ def _two_rank_batch_loss(rank, img, txt, ids, init, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     rows = slice(rank * 4, rank * 4 + 4)
     i, t = img[rows].clone().requires_grad_(True), txt[rows].clone().requires_grad_(True)
-    loss = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids[rows]})["nce_loss"]
+    loss = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids[rows], "text_id": ids[rows]})["nce_loss"]
     loss.backward()
     torch.save({"loss": loss.item(), "gi": i.grad, "gt": t.grad}, f"{out}.{rank}")
     dist.destroy_process_group()
@@ -181,7 +208,7 @@ def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
     mp.spawn(_two_rank_batch_loss, args=(img, txt, ids, f"file://{tmp_path / 'store'}", out), nprocs=2)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
-    full = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids})["nce_loss"]
+    full = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids, "text_id": ids})["nce_loss"]
     full.backward()
     assert (r0["loss"] + r1["loss"]) / 2 == pytest.approx(full.item(), rel=1e-6)
     # DDP averages over 2 ranks: (rank gradient) / 2 == full-batch gradient

@@ -37,8 +37,7 @@ class InfoNCELoss(nn.Module):
         self.temperature = temperature
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ids = batch["image_id"]
-        i2t, t2i = self.sampler.logits(outputs, ids)
+        i2t, t2i = self.sampler.logits(outputs, batch["image_id"], batch["text_id"])
         loss_i, acc_i = info_nce(i2t, self.temperature)
         loss_t, acc_t = info_nce(t2i, self.temperature)
         pos = (outputs["image_emb"] * outputs["text_emb"]).sum(-1).mean()
@@ -51,4 +50,4 @@ class InfoNCELoss(nn.Module):
 
     @torch.no_grad()
     def after_step(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
-        self.sampler.update(outputs, batch["image_id"])
+        self.sampler.update(outputs, batch["image_id"], batch["text_id"])

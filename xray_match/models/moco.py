@@ -59,7 +59,8 @@ class IntermodalModel(nn.Module):
         super().__init__()
         self.tokens = tokens
         self.image = Branch(vision, Teacher(vision_dim, teacher_hidden, embed_dim, dropout))
-        self.text = Branch(LSTMHead(tokens.dim, lstm_hidden), Teacher(lstm_hidden, teacher_hidden, embed_dim, dropout))
+        head = LSTMHead(tokens.dim, lstm_hidden)
+        self.text = Branch(head, Teacher(head.dim, teacher_hidden, embed_dim, dropout))
         self.image_key = self.text_key = None
         if momentum_keys:
             self.image_key = copy.deepcopy(self.image).requires_grad_(False)

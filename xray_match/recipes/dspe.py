@@ -39,15 +39,10 @@ from xray_match.metrics.retrieval import chunked_ranks, summarize
 from xray_match.models.dspe import DSPE
 from xray_match.registry import RECIPES, SPACES
 from xray_match.text.features import featurizer_from_state, fit_featurizer
-from xray_match.text.vocab import tokenize
+from xray_match.text.vocab import sentence_key, tokenize
 from xray_match.train.recipe import DataInfo, EvalContext, Recipe, unwrap
 
 _ARTICLES = ("a", "an", "the")
-
-
-def sentence_key(text: str) -> str:
-    """Identity of a sentence: its lower-cased words (punctuation and case do not make a new one)."""
-    return " ".join(tokenize(text))
 
 
 def phrase_key(text: str) -> str:

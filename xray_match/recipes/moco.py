@@ -14,12 +14,13 @@ from xray_match.config import Config, resolve_queue_size
 from xray_match.data.transforms import image_to_tensor, normalize, saliency_to_tensor, stable_id
 from xray_match.losses.contrastive import InfoNCELoss
 from xray_match.metrics.plots import save_recall_curve
-from xray_match.metrics.retrieval import chunked_ranks, summarize
+from xray_match.metrics.retrieval import chunked_ranks, mean_pairwise_cosine, summarize
 from xray_match.models.encoders.image import build_resnet
 from xray_match.models.encoders.text import TokenFeatures, load_tokenizer
 from xray_match.models.moco import IntermodalModel
 from xray_match.registry import RECIPES, SPACES
 from xray_match.samplers.negatives import build_sampler
+from xray_match.text.vocab import sentence_key
 from xray_match.train.recipe import EvalContext, Recipe, unwrap
 
 
@@ -64,12 +65,13 @@ class MocoTransform:
             "image": self.image(sample),
             "input_ids": [torch.tensor(t) for t in tok["input_ids"]],
             "image_id": stable_id(sample["meta"]["image_id"]),
+            "text_id": [stable_id(sentence_key(t)) for t in texts],
         }
 
 
 def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Images stacked; every item's captions flattened and right-padded; ``caption_image`` maps
-    each caption row to its item."""
+    each caption row to its item; ``text_id`` (one per caption) identifies its normalised text."""
     ids = [t for it in items for t in it["input_ids"]]
     n = max(len(t) for t in ids)
     input_ids = torch.zeros(len(ids), n, dtype=torch.long)
@@ -83,6 +85,7 @@ def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
         "attention_mask": mask,
         "caption_image": torch.tensor([i for i, it in enumerate(items) for _ in it["input_ids"]]),
         "image_id": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
+        "text_id": torch.tensor([i for it in items for i in it["text_id"]], dtype=torch.long),
     }
 
 
@@ -150,6 +153,8 @@ class MocoRecipe(Recipe):
             out["loss"] = sum(losses) / len(losses)
             out["acc"] = sum(accs) / len(accs)
         out["avg_similarity"] = (img * txt[first]).sum(-1).mean().item()
+        # embedding spread: a collapse (every embedding alike, cosine near 1) shows in MLflow
+        out["image_spread"], out["text_spread"] = mean_pairwise_cosine(img), mean_pairwise_cosine(txt)
         out["images"], out["captions"] = float(img.shape[0]), float(txt.shape[0])
         if ctx.is_main and ctx.out_dir:
             ctx.artifacts.append(save_recall_curve(r_i2t, r_t2i, os.path.join(ctx.out_dir, "recall_curve.png"),

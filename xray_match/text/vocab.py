@@ -25,6 +25,12 @@ def tokenize(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def sentence_key(text: str) -> str:
+    """Identity of a sentence: its lower-cased words (punctuation and case do not make a new one).
+    Two captions with the same key are the same sentence: neither is a negative of the other."""
+    return " ".join(tokenize(text))
+
+
 @dataclass
 class Vocab:
     """``<pad>`` = 0 (the embedding's padding row), ``<unk>`` = 1, then words by falling count."""
