@@ -279,7 +279,8 @@ def test_scan_precomp_regions(tmp_path):
             assert s["image"].size == (1, 1) and s["meta"]["pixels"] is False
             assert s["regions"].dtype == np.float32 and np.array_equal(s["regions"], t[src]["feats"][i])
             assert np.array_equal(s["region_boxes"], t[src]["boxes"][i])
-            assert s["meta"]["image_id"] == t[src]["ids"][i] and s["meta"]["feature_row"] == i
+            assert s["meta"]["image_id"] == f"{split}-{i:07d}" and s["meta"]["feature_row"] == i
+            assert s["meta"]["source_id"] == t[src]["ids"][i]  # the ids file's id (they repeat across splits)
             assert s["meta"]["captions"] == t[src]["caps"][5 * i : 5 * i + 5]
             assert (s["meta"]["width"], s["meta"]["height"]) == tuple(t[src]["sizes"][i])
 
@@ -303,8 +304,19 @@ def test_scan_box_outside_image(tmp_path):
     with pytest.raises(ConversionError, match=r"test: box_outside_image: 1 image: 1007 \(row 1: box"):
         convert_scan(str(tmp_path / "out"), pre, opts=opts())
     m = convert_scan(str(tmp_path / "out"), pre, opts=opts(skip_bad=True))
-    assert [s["meta"]["image_id"] for s in read_split(str(tmp_path / "out"), "test")] == [1000, 1014]
+    assert [s["meta"]["source_id"] for s in read_split(str(tmp_path / "out"), "test")] == [1000, 1014]
     assert m.info["convert"]["splits"]["test"]["skipped"] == {"box_outside_image": 1}
+
+
+def test_scan_image_ids_unique_across_splits(tmp_path):
+    """Without ids files each split's rows count from 0; the data set's image_ids must still be unique."""
+    pre = str(tmp_path / "f30k_precomp")
+    make_precomp(pre, d=8, ids=False)
+    out = str(tmp_path / "out")
+    m = convert_scan(out, pre, opts=opts())
+    ids = [s["meta"]["image_id"] for split in m.splits for s in read_split(out, split)]
+    assert len(ids) == len(set(ids)) == 7 and "val-0000001" in ids
+    assert verify(out, progress=False) == []
 
 
 def test_verify_images_catches_corrupt_files(coco, tmp_path):
