@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -471,6 +472,39 @@ def test_reconverting_with_fewer_shards_leaves_exactly_the_manifests(coco, tmp_p
     m = convert_coco(out, coco["root"], karpathy=k, opts=opts())
     assert sorted(m.splits) == ["test", "train", "val"] and tars(out) == listed(out)
     assert verify(out, progress=False) == []  # image 25 is in train only
+
+
+def test_coco_and_salicon_read_the_images_subfolder_layout(tmp_path, capsys):
+    """``<root>/images/train2014`` (LAVIS, Karpathy's tools) as well as ``<root>/train2014``, and
+    ``--images`` for image folders kept anywhere else."""
+    from xray_match.cli_data import main
+
+    coco = make_coco(str(tmp_path / "coco"), images_under="images")
+    m = convert_coco(str(tmp_path / "a"), coco["root"], opts=opts())
+    assert {s: m.count(s) for s in m.splits} == {"train": 3, "val": 2}
+    k = make_karpathy_coco(str(tmp_path / "k.json"), coco, {9: "train", 42: "val", 73: "test"})
+    m = convert_coco(str(tmp_path / "b"), coco["root"], karpathy=k, opts=opts())
+    assert {s: m.count(s) for s in m.splits} == {"train": 1, "val": 1, "test": 1}
+    make_salicon(str(tmp_path / "sal"), coco, train_ids=[9, 25], val_ids=[42], fixations=False)
+    m = convert_salicon(str(tmp_path / "c"), str(tmp_path / "sal"), coco["root"], opts=opts())
+    assert {s: m.count(s) for s in m.splits} == {"train": 2, "val": 1}
+
+    elsewhere = str(tmp_path / "disk2" / "coco-images")
+    shutil.move(coco["images"], elsewhere)
+    train = os.path.join(coco["root"], "train2014")
+    with pytest.raises(ConversionError, match=f"^{re.escape(train)}: the train2014 image folder not found "
+                                              f"\\(nor {re.escape(os.path.join(coco['root'], 'images', 'train2014'))}\\); pass --images"):
+        convert_coco(str(tmp_path / "d"), coco["root"], opts=opts())
+    m = convert_coco(str(tmp_path / "d"), coco["root"], images=elsewhere, opts=opts())
+    assert m.count("train") == 3 and m.info["convert"]["source"]["images"] == elsewhere
+    m = convert_coco(str(tmp_path / "e"), coco["root"], karpathy=k, images=elsewhere, opts=opts())
+    assert m.count("test") == 1
+    m = convert_salicon(str(tmp_path / "f"), str(tmp_path / "sal"), coco["root"], images=elsewhere, opts=opts())
+    assert m.count("train") == 2
+    assert main(["coco", "--coco-root", coco["root"], "--images", elsewhere, "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    assert main(["salicon", "--salicon", str(tmp_path / "sal"), "--coco-root", coco["root"], "--images", elsewhere,
+                 "--out", str(tmp_path / "h"), "--no-progress"]) == 0
+    capsys.readouterr()
 
 
 def test_remote_folder_complete_or_refused(coco, tmp_path):
