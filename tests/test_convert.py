@@ -507,6 +507,17 @@ def test_coco_and_salicon_read_the_images_subfolder_layout(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_entities_without_split_lists_writes_one_split_all(tmp_path):
+    f = make_flickr30k(str(tmp_path / "f30k"), {"train": [101, 102], "val": [103]})
+    entities = str(tmp_path / "flickr30k_entities")  # Annotations/ and Sentences/ only
+    make_entities(entities, [103, 101, 102])
+    m = convert_entities(str(tmp_path / "out"), f["images"], entities, opts=opts())
+    assert list(m.splits) == ["all"] and m.info["convert"]["split_scheme"] == "none (one split 'all')"
+    assert [s["meta"]["image_id"] for s in read_split(str(tmp_path / "out"), "all")] == [101, 102, 103]
+    with pytest.raises(ConversionError, match="no train.txt, val.txt or test.txt"):  # asked for lists: still required
+        convert_entities(str(tmp_path / "out2"), f["images"], entities, split_lists=entities, opts=opts())
+
+
 def test_remote_folder_complete_or_refused(coco, tmp_path):
     """The same rules on an fsspec file system that is not local (memory://, no rename)."""
     import fsspec

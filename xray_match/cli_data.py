@@ -162,11 +162,12 @@ def add_convert_commands(subparsers: Any) -> None:
         "entities", parents=[common, pixels], formatter_class=FORMATTER,
         help="Flickr30k Entities (phrase -> box links) -> shards",
         description="Annotations/*.xml boxes + Sentences/*.txt phrase markup + Flickr30k images -> captions "
-                    "with phrase spans linked to boxes; splits from train.txt/val.txt/test.txt.",
+                    "with phrase spans linked to boxes; splits from train.txt/val.txt/test.txt, without them one "
+                    "split 'all'.",
     )
     p.add_argument("--images", required=True, help="the flickr30k-images folder")
-    p.add_argument("--entities", required=True, help="folder with Annotations/, Sentences/ and train/val/test.txt")
-    p.add_argument("--split-lists", help="folder with train.txt/val.txt/test.txt (default: --entities)")
+    p.add_argument("--entities", required=True, help="folder with Annotations/, Sentences/ and (optionally) train/val/test.txt")
+    p.add_argument("--split-lists", help="folder with train.txt/val.txt/test.txt (default: --entities; none there: one split 'all')")
     p.set_defaults(func=_run(_entities))
 
     p = subparsers.add_parser(
