@@ -49,14 +49,17 @@ def make_coco(
     year: int = 2014,
     extra_captions: dict[int, int] | None = None,
     no_file: tuple[int, ...] = (),
+    images_under: str = "",
 ) -> dict[str, Any]:
     """``root/annotations/captions_{train,val}{year}.json`` + ``root/{train,val}{year}/COCO_*.jpg``.
 
     ``extra_captions[id] = k`` gives image ``id`` 5 + k captions; ids in ``no_file`` get annotations
-    but no image file. Annotation ids are assigned in reverse caption order, so a converter that
+    but no image file; ``images_under="images"`` puts the image folders in ``root/images/`` (the
+    layout of LAVIS and Karpathy's tools). Annotation ids are assigned in reverse caption order, so a converter that
     keeps file order instead of annotation-id order gets the captions backwards."""
     extra_captions = extra_captions or {}
-    truth: dict[str, Any] = {"root": root, "year": year, "captions": {}, "sizes": {}, "part": {}}
+    images_root = os.path.join(root, images_under) if images_under else root
+    truth: dict[str, Any] = {"root": root, "images": images_root, "year": year, "captions": {}, "sizes": {}, "part": {}}
     ann_id = 10_000
     for split, ids in (("train", train_ids), ("val", val_ids)):
         part = f"{split}{year}"
@@ -72,7 +75,7 @@ def make_coco(
             truth["sizes"][iid] = (w, h)
             truth["part"][iid] = part
             if iid not in no_file:
-                write_jpeg(os.path.join(root, part, name), w, h, seed=iid)
+                write_jpeg(os.path.join(images_root, part, name), w, h, seed=iid)
         ann_id += 1000
         os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
         doc = {"info": {"year": year}, "licenses": [], "images": images[::-1], "annotations": anns}

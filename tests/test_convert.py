@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -35,8 +38,9 @@ from xray_match.data.convert import (
     convert_salicon,
     convert_scan,
 )
-from xray_match.data.format import read_manifest
+from xray_match.data.format import ShardFormatError, read_manifest
 from xray_match.data.reader import ShardStream, iter_raw, make_loader, shard_urls
+from xray_match.data.verify import verify
 
 
 def opts(**kw) -> ConvertOptions:
@@ -52,8 +56,9 @@ def read_split(root: str, split: str) -> list[dict]:
 
 
 def shard_state(root: str, split: str) -> dict[str, tuple[int, int, str]]:
+    """Per listed shard (inode, mtime, sha256), also of a folder a crash left incomplete."""
     out = {}
-    for s in read_manifest(root).shards(split):
+    for s in read_manifest(root, allow_incomplete=True).shards(split):
         p = os.path.join(root, s.name)
         st = os.stat(p)
         out[s.name] = (st.st_ino, st.st_mtime_ns, hashlib.sha256(open(p, "rb").read()).hexdigest())
@@ -275,7 +280,8 @@ def test_scan_precomp_regions(tmp_path):
             assert s["image"].size == (1, 1) and s["meta"]["pixels"] is False
             assert s["regions"].dtype == np.float32 and np.array_equal(s["regions"], t[src]["feats"][i])
             assert np.array_equal(s["region_boxes"], t[src]["boxes"][i])
-            assert s["meta"]["image_id"] == t[src]["ids"][i] and s["meta"]["feature_row"] == i
+            assert s["meta"]["image_id"] == f"{split}-{i:07d}" and s["meta"]["feature_row"] == i
+            assert s["meta"]["source_id"] == t[src]["ids"][i]  # the ids file's id (they repeat across splits)
             assert s["meta"]["captions"] == t[src]["caps"][5 * i : 5 * i + 5]
             assert (s["meta"]["width"], s["meta"]["height"]) == tuple(t[src]["sizes"][i])
 
@@ -299,8 +305,19 @@ def test_scan_box_outside_image(tmp_path):
     with pytest.raises(ConversionError, match=r"test: box_outside_image: 1 image: 1007 \(row 1: box"):
         convert_scan(str(tmp_path / "out"), pre, opts=opts())
     m = convert_scan(str(tmp_path / "out"), pre, opts=opts(skip_bad=True))
-    assert [s["meta"]["image_id"] for s in read_split(str(tmp_path / "out"), "test")] == [1000, 1014]
+    assert [s["meta"]["source_id"] for s in read_split(str(tmp_path / "out"), "test")] == [1000, 1014]
     assert m.info["convert"]["splits"]["test"]["skipped"] == {"box_outside_image": 1}
+
+
+def test_scan_image_ids_unique_across_splits(tmp_path):
+    """Without ids files each split's rows count from 0; the data set's image_ids must still be unique."""
+    pre = str(tmp_path / "f30k_precomp")
+    make_precomp(pre, d=8, ids=False)
+    out = str(tmp_path / "out")
+    m = convert_scan(out, pre, opts=opts())
+    ids = [s["meta"]["image_id"] for split in m.splits for s in read_split(out, split)]
+    assert len(ids) == len(set(ids)) == 7 and "val-0000001" in ids
+    assert verify(out, progress=False) == []
 
 
 def test_verify_images_catches_corrupt_files(coco, tmp_path):
@@ -315,8 +332,9 @@ def test_refuses_to_mix_data_sets_in_one_folder(coco, tmp_path):
     out = str(tmp_path / "out")
     convert_coco(out, coco["root"], opts=opts())
     f = make_flickr30k(str(tmp_path / "f30k"), {"train": [101]})
-    with pytest.raises(ConversionError, match="this folder holds 'coco'"):
+    with pytest.raises(ShardFormatError, match="manifest.json: this folder holds 'coco'; write 'flickr30k-karpathy' to another"):
         convert_flickr30k(out, f["images"], karpathy=f["karpathy"], opts=opts())
+    assert verify(out, progress=False) == []  # the refusal left the folder as it was
 
 
 def test_scan_pickled_sizes_need_allow_pickle(tmp_path):
@@ -381,6 +399,146 @@ def test_changed_input_rewrites_split(coco, tmp_path):
     convert_coco(out, coco["root"], opts=opts())
     assert read_split(out, "train")[0]["meta"]["captions"][0] == "a corrected caption"
     assert shard_state(out, "val") == before  # the unchanged split is resumed, not rewritten
+
+
+# ----------------------------------------------------------------------------- complete or refused
+
+
+def tars(root: str) -> list[str]:
+    return sorted(n for n in os.listdir(root) if n.endswith(".tar"))
+
+
+def listed(root: str) -> list[str]:
+    m = read_manifest(root)
+    return sorted(s.name for split in m.splits for s in m.shards(split))
+
+
+def test_failed_conversion_is_incomplete_until_a_rerun_finishes(coco, tmp_path, capsys):
+    bad = os.path.join(coco["root"], "train2014", coco_name("train2014", 30))
+    good = open(bad, "rb").read()
+    open(bad, "wb").write(good[: len(good) // 2])  # a truncated JPEG: its header reads, its pixels do not
+    out = str(tmp_path / "out")
+    with pytest.raises(ConversionError, match=r"image_id 30: .*unreadable image"):
+        convert_coco(out, coco["root"], opts=opts(maxcount=1))
+    assert tars(out) == ["train-000000.tar", "train-000001.tar"]
+    manifest = os.path.join(out, "manifest.json")
+    assert verify(out, progress=False) == [
+        f"{manifest}: incomplete: its writer has not finished (re-run it to resume)",
+        f"{manifest}: split 'train' has 2 samples, the plan is 3",
+        f"{manifest}: split 'val' has 0 samples, the plan is 2",
+    ]
+    for read in (read_manifest, lambda root: make_loader(root, "train", None, None, batch_size=1, train=False)):
+        with pytest.raises(ShardFormatError, match=f"^{re.escape(manifest)}: incomplete: "):
+            read(out)
+    from xray_match.cli import main
+
+    assert main(["data", "verify", out, "--no-progress"]) == 1
+    assert "incomplete" in capsys.readouterr().err
+    open(bad, "wb").write(good)
+    m = convert_coco(out, coco["root"], opts=opts(maxcount=1))
+    assert m.count("train") == 3 and verify(out, progress=False) == [] and tars(out) == listed(out)
+
+
+def test_refuses_a_non_empty_folder_without_manifest(coco, tmp_path, capsys):
+    """Another data set's shards without their manifest: nothing is overwritten, the error names the folder."""
+    from xray_match.cli_data import main
+
+    f = make_flickr30k(str(tmp_path / "f30k"), {"train": [101, 102, 103]})
+    out = str(tmp_path / "out")
+    convert_flickr30k(out, f["images"], karpathy=f["karpathy"], opts=opts(maxcount=1))
+    os.remove(os.path.join(out, "manifest.json"))
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    with pytest.raises(ShardFormatError, match=f"^{re.escape(out)}: not empty and has no manifest.json"):
+        convert_coco(out, coco["root"], opts=opts())
+    assert main(["coco", "--coco-root", coco["root"], "--out", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: not empty") and err.count("\n") == 1
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_reconverting_with_fewer_shards_leaves_exactly_the_manifests(coco, tmp_path):
+    out = str(tmp_path / "out")
+    convert_coco(out, coco["root"], opts=opts(maxcount=1))
+    assert len(tars(out)) == 5
+    convert_coco(out, coco["root"], opts=opts(maxcount=2))
+    assert tars(out) == listed(out) == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    convert_coco(out, coco["root"], opts=opts(maxcount=2, limit=1))
+    assert tars(out) == listed(out) == ["train-000000.tar", "val-000000.tar"] and verify(out, progress=False) == []
+    # a split that the input no longer has (restval folded back into train) goes with its shards
+    k = make_karpathy_coco(str(tmp_path / "k.json"), coco, {9: "train", 25: "restval", 42: "val", 73: "test"})
+    out = str(tmp_path / "karpathy")
+    convert_coco(out, coco["root"], karpathy=k, keep_restval=True, opts=opts())
+    assert "restval-000000.tar" in tars(out)
+    m = convert_coco(out, coco["root"], karpathy=k, opts=opts())
+    assert sorted(m.splits) == ["test", "train", "val"] and tars(out) == listed(out)
+    assert verify(out, progress=False) == []  # image 25 is in train only
+
+
+def test_coco_and_salicon_read_the_images_subfolder_layout(tmp_path, capsys):
+    """``<root>/images/train2014`` (LAVIS, Karpathy's tools) as well as ``<root>/train2014``, and
+    ``--images`` for image folders kept anywhere else."""
+    from xray_match.cli_data import main
+
+    coco = make_coco(str(tmp_path / "coco"), images_under="images")
+    m = convert_coco(str(tmp_path / "a"), coco["root"], opts=opts())
+    assert {s: m.count(s) for s in m.splits} == {"train": 3, "val": 2}
+    k = make_karpathy_coco(str(tmp_path / "k.json"), coco, {9: "train", 42: "val", 73: "test"})
+    m = convert_coco(str(tmp_path / "b"), coco["root"], karpathy=k, opts=opts())
+    assert {s: m.count(s) for s in m.splits} == {"train": 1, "val": 1, "test": 1}
+    make_salicon(str(tmp_path / "sal"), coco, train_ids=[9, 25], val_ids=[42], fixations=False)
+    m = convert_salicon(str(tmp_path / "c"), str(tmp_path / "sal"), coco["root"], opts=opts())
+    assert {s: m.count(s) for s in m.splits} == {"train": 2, "val": 1}
+
+    elsewhere = str(tmp_path / "disk2" / "coco-images")
+    shutil.move(coco["images"], elsewhere)
+    train = os.path.join(coco["root"], "train2014")
+    with pytest.raises(ConversionError, match=f"^{re.escape(train)}: the train2014 image folder not found "
+                                              f"\\(nor {re.escape(os.path.join(coco['root'], 'images', 'train2014'))}\\); pass --images"):
+        convert_coco(str(tmp_path / "d"), coco["root"], opts=opts())
+    m = convert_coco(str(tmp_path / "d"), coco["root"], images=elsewhere, opts=opts())
+    assert m.count("train") == 3 and m.info["convert"]["source"]["images"] == elsewhere
+    m = convert_coco(str(tmp_path / "e"), coco["root"], karpathy=k, images=elsewhere, opts=opts())
+    assert m.count("test") == 1
+    m = convert_salicon(str(tmp_path / "f"), str(tmp_path / "sal"), coco["root"], images=elsewhere, opts=opts())
+    assert m.count("train") == 2
+    assert main(["coco", "--coco-root", coco["root"], "--images", elsewhere, "--out", str(tmp_path / "g"), "--no-progress"]) == 0
+    assert main(["salicon", "--salicon", str(tmp_path / "sal"), "--coco-root", coco["root"], "--images", elsewhere,
+                 "--out", str(tmp_path / "h"), "--no-progress"]) == 0
+    capsys.readouterr()
+
+
+def test_entities_without_split_lists_writes_one_split_all(tmp_path):
+    f = make_flickr30k(str(tmp_path / "f30k"), {"train": [101, 102], "val": [103]})
+    entities = str(tmp_path / "flickr30k_entities")  # Annotations/ and Sentences/ only
+    make_entities(entities, [103, 101, 102])
+    m = convert_entities(str(tmp_path / "out"), f["images"], entities, opts=opts())
+    assert list(m.splits) == ["all"] and m.info["convert"]["split_scheme"] == "none (one split 'all')"
+    assert [s["meta"]["image_id"] for s in read_split(str(tmp_path / "out"), "all")] == [101, 102, 103]
+    with pytest.raises(ConversionError, match="no train.txt, val.txt or test.txt"):  # asked for lists: still required
+        convert_entities(str(tmp_path / "out2"), f["images"], entities, split_lists=entities, opts=opts())
+
+
+def test_remote_folder_complete_or_refused(coco, tmp_path):
+    """The same rules on an fsspec file system that is not local (memory://, no rename)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    base = f"/{tmp_path.name}"
+    url = f"memory://{base}/out"
+    try:
+        convert_coco(url, coco["root"], opts=opts(maxcount=1))
+        assert verify(url, progress=False) == []
+        convert_coco(url, coco["root"], opts=opts(maxcount=2))
+        names = sorted(posixpath.basename(p) for p in fs.ls(f"{base}/out", detail=False))
+        assert names == ["manifest.json", "train-000000.tar", "train-000001.tar", "val-000000.tar"]
+        fs.pipe(f"{base}/out/stray.tar", fs.cat(f"{base}/out/val-000000.tar"))
+        assert verify(url, progress=False) == [f"{url}/stray.tar: a tar the manifest does not list"]
+        fs.pipe(f"{base}/foreign/train-000000.tar", b"someone else's")
+        with pytest.raises(ShardFormatError, match="foreign: not empty and has no manifest.json"):
+            convert_coco(f"memory://{base}/foreign", coco["root"], opts=opts())
+        assert fs.cat(f"{base}/foreign/train-000000.tar") == b"someone else's"
+    finally:
+        fs.rm(base, recursive=True)
 
 
 # ----------------------------------------------------------------------------- CLI, URLs, Ray

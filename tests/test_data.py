@@ -3,6 +3,8 @@
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -17,7 +19,7 @@ from xray_match.data.digit_scenes import SceneSpec, build_digit_scenes, gaze_map
 from xray_match.data.format import FORMAT_VERSION, ShardFormatError, read_manifest
 from xray_match.data.reader import ShardStream, make_loader, shard_urls
 from xray_match.data.verify import verify
-from xray_match.data.writer import write_split
+from xray_match.data.writer import write_samples, write_shard, write_split
 
 
 def keys_of(ds, num_workers=0):
@@ -97,12 +99,74 @@ def test_writer_killed_mid_shard_leaves_no_partial_shard_in_manifest(tmp_path):
     root = str(tmp_path / "ds")
     proc = subprocess.run([sys.executable, "-c", KILLER, root], capture_output=True)
     assert proc.returncode == 9
-    m = read_manifest(root)
+    # readers refuse the folder, verify names it, and the writer's own view shows the two complete shards
+    with pytest.raises(ShardFormatError, match=f"^{re.escape(root)}/manifest.json: incomplete: "):
+        read_manifest(root)
+    assert f"{root}/manifest.json: incomplete: its writer has not finished (re-run it to resume)" in verify(root, progress=False)
+    m = read_manifest(root, allow_incomplete=True)
     assert [s.name for s in m.shards("train")] == ["train-000000.tar", "train-000001.tar"]
     assert not (tmp_path / "ds" / "train-000002.tar").exists()  # only a temp file, never renamed
     write_split(root, "digit-scenes", "train", 40, lambda i: render_scene("train", i, SceneSpec()), maxcount=10,
                 progress=False)
     assert read_manifest(root).count("train") == 40 and verify(root, progress=False) == []
+    assert not [n for n in os.listdir(root) if ".tmp-" in n]  # the killed writer's temp file is gone too
+
+
+def toy_sample(split: str, i: int, image_id=None) -> dict:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    meta = {"image_id": f"{split}-{i}" if image_id is None else image_id, "split": split, "captions": ["a black square"]}
+    return {"__key__": f"{split}-{i}", "png": buf.getvalue(), "json": meta}
+
+
+BUILD_KILLER = """
+import os, sys
+import xray_match.data.digit_scenes as scenes
+render = scenes.render_scene
+def make(split, index, spec):
+    if split == "val":
+        os._exit(9)  # killed in the second split, the first one whole
+    return render(split, index, spec)
+scenes.render_scene = make
+scenes.build_digit_scenes(sys.argv[1], train=20, val=10, test=0, maxcount=10, workers=1, progress=False)
+"""
+
+
+def test_a_build_is_incomplete_until_its_last_split(tmp_path):
+    root = str(tmp_path / "ds")
+    assert subprocess.run([sys.executable, "-c", BUILD_KILLER, root], capture_output=True).returncode == 9
+    assert read_manifest(root, allow_incomplete=True).count("train") == 20
+    with pytest.raises(ShardFormatError, match="incomplete"):
+        shard_urls(root, "train")
+    build_digit_scenes(root, train=20, val=10, test=0, maxcount=10, workers=1, progress=False)
+    assert read_manifest(root).count("val") == 10 and verify(root, progress=False) == []
+
+
+def test_smaller_rebuild_leaves_exactly_the_manifests_shards(tmp_path):
+    root = tmp_path / "ds"
+    build_digit_scenes(str(root), train=40, val=10, test=0, maxcount=10, workers=1, progress=False)
+    build_digit_scenes(str(root), train=20, val=10, test=0, maxcount=10, workers=1, progress=False)
+    m = read_manifest(str(root))
+    listed = sorted(s.name for split in m.splits for s in m.shards(split))
+    assert sorted(p.name for p in root.glob("*.tar")) == listed == ["train-000000.tar", "train-000001.tar", "val-000000.tar"]
+    assert verify(str(root), progress=False) == []
+
+
+def test_writer_refuses_a_non_empty_folder_it_did_not_create(tmp_path):
+    root = tmp_path / "other"
+    root.mkdir()
+    write_shard(str(root / "train-000000.tar"), [toy_sample("train", i) for i in range(2)])  # someone else's shard
+    (root / "README").write_text("not ours")
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(ShardFormatError, match=f"^{re.escape(str(root))}: not empty and has no manifest.json"):
+        build_digit_scenes(str(root), train=10, val=0, test=0, maxcount=5, workers=1, progress=False)
+    with pytest.raises(ShardFormatError, match=f"^{re.escape(str(root))}: not empty and has no manifest.json"):
+        write_samples(str(root), "toy", "train", [toy_sample("train", 0)], progress=False)
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+    toy = str(tmp_path / "toy")
+    write_samples(toy, "toy", "train", [toy_sample("train", 0)], progress=False)
+    with pytest.raises(ShardFormatError, match="holds 'toy'"):
+        write_split(toy, "digit-scenes", "train", 1, lambda i: render_scene("train", i, SceneSpec()), progress=False)
 
 
 # ----------------------------------------------------------------------------- reader
@@ -228,6 +292,27 @@ def test_verify_truncated_tar_and_unknown_manifest_version(tiny_scenes, tmp_path
     manifest["format_version"] = 2
     (root / "manifest.json").write_text(json.dumps(manifest))
     assert "format_version 2 is not supported" in verify(str(root), progress=False)[0]
+
+
+def test_verify_flags_unlisted_and_missing_tars(tiny_scenes, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_scenes, root)
+    shutil.copy(root / "val-000000.tar", root / "extra.tar")  # copied in by hand
+    os.remove(root / "test-000001.tar")
+    for checksums in (True, False):
+        problems = verify(str(root), checksums=checksums, progress=False)
+        assert f"{root / 'extra.tar'}: a tar the manifest does not list" in problems
+        assert f"{root / 'test-000001.tar'}: listed in the manifest but missing" in problems
+        assert len(problems) == 2
+
+
+def test_verify_flags_an_image_id_used_twice(tmp_path):
+    root = str(tmp_path / "ds")
+    write_samples(root, "toy", "train", [toy_sample("train", i, image_id=i) for i in range(3)], progress=False)
+    write_samples(root, "toy", "val", [toy_sample("val", 0, image_id=1)], progress=False)
+    assert verify(root, progress=False) == [
+        f"{root}/val-000000.tar: key 'val-0': image_id 1 is used twice (also {root}/train-000000.tar: key 'train-1')"
+    ]
 
 
 def test_training_on_corrupt_input_errors_or_skips_and_counts(tiny_scenes, tmp_path):

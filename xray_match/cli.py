@@ -21,9 +21,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def _digit_scenes(args: argparse.Namespace) -> int:
     from xray_match.data.digit_scenes import build_digit_scenes
+    from xray_match.data.format import ShardFormatError
 
-    build_digit_scenes(args.out, train=args.train, val=args.val, test=args.test, size=args.size, seed=args.seed,
-                       maxcount=args.maxcount, workers=args.workers, progress=not args.no_progress)
+    try:
+        build_digit_scenes(args.out, train=args.train, val=args.val, test=args.test, size=args.size, seed=args.seed,
+                           maxcount=args.maxcount, workers=args.workers, progress=not args.no_progress)
+    except ShardFormatError as e:  # e.g. --out is a folder with someone else's files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"digit scenes written to {args.out}")
     return 0
 

@@ -17,6 +17,8 @@ import sys
 from typing import Any, Callable
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+COCO_IMAGES_HELP = ("folder holding the COCO image folders train2014/ and val2014/ (default: found in --coco-root "
+                    "or --coco-root/images)")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -96,7 +98,7 @@ def _coco(args: argparse.Namespace, opts: Any) -> Any:
     from xray_match.data.convert.coco import convert_coco
 
     return convert_coco(args.out, args.coco_root, karpathy=args.karpathy, keep_restval=args.keep_restval,
-                        year=args.year, opts=opts)
+                        year=args.year, images=args.images, opts=opts)
 
 
 def _flickr30k(args: argparse.Namespace, opts: Any) -> Any:
@@ -115,7 +117,8 @@ def _entities(args: argparse.Namespace, opts: Any) -> Any:
 def _salicon(args: argparse.Namespace, opts: Any) -> Any:
     from xray_match.data.convert.salicon import convert_salicon
 
-    return convert_salicon(args.out, args.salicon, args.coco_root, fixations=not args.no_fixations, opts=opts)
+    return convert_salicon(args.out, args.salicon, args.coco_root, fixations=not args.no_fixations, images=args.images,
+                           opts=opts)
 
 
 def _scan(args: argparse.Namespace, opts: Any) -> Any:
@@ -135,7 +138,8 @@ def add_convert_commands(subparsers: Any) -> None:
         description="Official: DIR/annotations/captions_{train,val}2014.json + DIR/{train,val}2014/*.jpg -> "
                     "splits train, val. With --karpathy dataset_coco.json: splits train (+restval), val, test.",
     )
-    p.add_argument("--coco-root", required=True, help="folder with annotations/, train2014/, val2014/")
+    p.add_argument("--coco-root", required=True, help="folder with annotations/ and train2014/, val2014/ (or images/train2014/, ...)")
+    p.add_argument("--images", help=COCO_IMAGES_HELP)
     p.add_argument("--karpathy", help="Karpathy's dataset_coco.json (image paths relative to --coco-root)")
     p.add_argument("--keep-restval", action="store_true", help="write Karpathy's restval as its own split instead of into train")
     p.add_argument("--year", type=int, default=2014, choices=(2014, 2017), help="official annotation year")
@@ -158,11 +162,12 @@ def add_convert_commands(subparsers: Any) -> None:
         "entities", parents=[common, pixels], formatter_class=FORMATTER,
         help="Flickr30k Entities (phrase -> box links) -> shards",
         description="Annotations/*.xml boxes + Sentences/*.txt phrase markup + Flickr30k images -> captions "
-                    "with phrase spans linked to boxes; splits from train.txt/val.txt/test.txt.",
+                    "with phrase spans linked to boxes; splits from train.txt/val.txt/test.txt, without them one "
+                    "split 'all'.",
     )
     p.add_argument("--images", required=True, help="the flickr30k-images folder")
-    p.add_argument("--entities", required=True, help="folder with Annotations/, Sentences/ and train/val/test.txt")
-    p.add_argument("--split-lists", help="folder with train.txt/val.txt/test.txt (default: --entities)")
+    p.add_argument("--entities", required=True, help="folder with Annotations/, Sentences/ and (optionally) train/val/test.txt")
+    p.add_argument("--split-lists", help="folder with train.txt/val.txt/test.txt (default: --entities; none there: one split 'all')")
     p.set_defaults(func=_run(_entities))
 
     p = subparsers.add_parser(
@@ -172,7 +177,8 @@ def add_convert_commands(subparsers: Any) -> None:
                     "the official COCO layout; each map is resized to its COCO image.",
     )
     p.add_argument("--salicon", required=True, help="SALICON folder with maps/ (and optionally fixations/)")
-    p.add_argument("--coco-root", required=True, help="COCO folder with annotations/, train2014/, val2014/")
+    p.add_argument("--coco-root", required=True, help="COCO folder with annotations/ and train2014/, val2014/ (or images/train2014/, ...)")
+    p.add_argument("--images", help=COCO_IMAGES_HELP)
     p.add_argument("--no-fixations", action="store_true", help="ignore fixations/*.mat")
     p.set_defaults(func=_run(_salicon))
 

@@ -23,7 +23,7 @@ from PIL import Image
 from xray_match.data.mnist import load_mnist
 from xray_match.data.format import box_iou
 from xray_match.data.io import png_bytes
-from xray_match.data.writer import write_split
+from xray_match.data.writer import write_splits
 
 DATASET = "digit-scenes"
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -227,8 +227,7 @@ def build_digit_scenes(
     spec = SceneSpec(size=size, seed=seed)
     workers = workers or min(4, os.cpu_count() or 1)
     info = {"generator": "xray_match.data.digit_scenes", "spec": {**vars(spec), "digit_scale": list(spec.digit_scale)}}
-    for split, n in (("train", train), ("val", val), ("test", test)):
-        if n:
-            make = functools.partial(render_scene, split, spec=spec)  # picklable for the process pool
-            write_split(out, DATASET, split, n, make, maxcount=maxcount, workers=workers, info=info, progress=progress)
+    render = functools.partial(render_scene, spec=spec)  # picklable for the process pool
+    write_splits(out, DATASET, {"train": train, "val": val, "test": test}, render, maxcount=maxcount, workers=workers,
+                 info=info, progress=progress)
     return out

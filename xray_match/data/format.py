@@ -1,7 +1,8 @@
 """The xray_match shard format (documented in docs/shards.md).
 
 A data set is a folder (local path or fsspec URL) holding ``manifest.json`` and WebDataset tar
-shards named ``{split}-{index:06d}.tar``. Each sample in a shard has the files
+shards named ``{split}-{index:06d}.tar``. While a writer works on the folder its manifest says
+``"complete": false``; readers refuse such a folder. Each sample in a shard has the files
 
     <key>.jpg | <key>.png   the image (required, exactly one)
     <key>.json              metadata (required, see :func:`check_meta`)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ import fsspec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+_SHARD_NAME = re.compile(r"^.+-\d{6}\.tar$")
 
 
 class ShardFormatError(ValueError):
@@ -33,6 +36,11 @@ class ShardFormatError(ValueError):
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def is_shard_name(name: str) -> bool:
+    """A name :func:`shard_name` could have given (of any split)."""
+    return bool(_SHARD_NAME.match(name))
 
 
 def join(root: str, *parts: str) -> str:
@@ -55,12 +63,17 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """``manifest.json``: format version, data set name, shards per split, free-form info."""
+    """``manifest.json``: format version, data set name, shards per split, free-form info.
+
+    ``complete`` is False from a writer's first step until its last shard is listed, so that a
+    folder a crashed or failed conversion left behind is never read as a data set. Manifests
+    written before the flag existed have no such field and count as complete."""
 
     dataset: str
     format_version: int = FORMAT_VERSION
     splits: dict[str, list[ShardInfo]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
 
     @property
     def has_pixels(self) -> bool:
@@ -71,6 +84,17 @@ class Manifest:
     def count(self, split: str) -> int:
         return sum(s.count for s in self.shards(split))
 
+    def plan(self) -> dict[str, int]:
+        """Samples per split that its writer set out to write: a converter's image count
+        (``info.convert.splits.<split>.images``, known for every split before the first shard),
+        then the shard writer's (``info.splits.<split>.num_samples``)."""
+        planned = {sp: s["images"] for sp, s in self.info.get("convert", {}).get("splits", {}).items() if "images" in s}
+        planned.update({sp: s["num_samples"] for sp, s in self.info.get("splits", {}).items() if "num_samples" in s})
+        return planned
+
+    def shard_names(self) -> set[str]:
+        return {s.name for shards in self.splits.values() for s in shards}
+
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:
             raise ShardFormatError(f"{MANIFEST}: no split {split!r} (have: {', '.join(sorted(self.splits)) or 'none'})")
@@ -80,6 +104,7 @@ class Manifest:
         return {
             "format_version": self.format_version,
             "dataset": self.dataset,
+            "complete": self.complete,
             "info": self.info,
             "splits": {
                 sp: {"count": sum(s.count for s in shards), "shards": [vars(s) for s in shards]}
@@ -96,21 +121,47 @@ class Manifest:
             splits = {
                 sp: [ShardInfo(**s) for s in body["shards"]] for sp, body in d.get("splits", {}).items()
             }
-            return cls(dataset=d["dataset"], format_version=version, splits=splits, info=d.get("info", {}))
+            return cls(dataset=d["dataset"], format_version=version, splits=splits, info=d.get("info", {}),
+                       complete=d.get("complete", True) is not False)
         except (KeyError, TypeError) as e:
             raise ShardFormatError(f"{where}: malformed manifest ({e})") from None
 
 
-def read_manifest(root: str) -> Manifest:
+def find_manifest(root: str) -> Manifest | None:
+    """The folder's manifest, complete or not; None when it has none."""
     path = join(root, MANIFEST)
     try:
         with fsspec.open(path, "r") as fh:
             d = json.load(fh)
     except FileNotFoundError:
-        raise ShardFormatError(f"{path}: no manifest (is {root!r} an xray_match shard folder?)") from None
+        return None
     except json.JSONDecodeError as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from None
     return Manifest.from_json(d, where=path)
+
+
+def read_manifest(root: str, allow_incomplete: bool = False) -> Manifest:
+    """The manifest of a data set to read. A folder whose writer has not finished is refused
+    (``allow_incomplete`` is for the writer resuming it and for ``verify``)."""
+    manifest = find_manifest(root)
+    if manifest is None:
+        raise ShardFormatError(f"{join(root, MANIFEST)}: no manifest (is {root!r} an xray_match shard folder?)")
+    if not manifest.complete and not allow_incomplete:
+        raise ShardFormatError(incomplete_problem(root))
+    return manifest
+
+
+def incomplete_problem(root: str) -> str:
+    return f"{join(root, MANIFEST)}: incomplete: its writer has not finished (re-run it to resume)"
+
+
+def count_problems(root: str, manifest: Manifest) -> list[str]:
+    """One line per split whose listed shards hold another number of samples than planned."""
+    return [
+        f"{join(root, MANIFEST)}: split {split!r} has {have} samples, the plan is {planned}"
+        for split, planned in sorted(manifest.plan().items())
+        if (have := sum(s.count for s in manifest.splits.get(split, []))) != planned
+    ]
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
@@ -148,6 +199,8 @@ def check_meta(meta: Any, where: str, width: int | None = None, height: int | No
     for k in ("image_id", "split", "captions"):
         if k not in meta:
             raise ShardFormatError(f"{where}: json has no {k!r}")
+    if isinstance(meta["image_id"], bool) or not isinstance(meta["image_id"], (str, int)):
+        raise ShardFormatError(f"{where}: json.image_id {meta['image_id']!r} is not a string or an integer")
     caps = meta["captions"]
     if not isinstance(caps, list) or not caps:
         raise ShardFormatError(f"{where}: json.captions is missing or empty")

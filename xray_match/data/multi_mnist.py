@@ -36,7 +36,7 @@ import numpy as np
 from xray_match.data.mnist import load_mnist
 from xray_match.data.format import box_iou
 from xray_match.data.io import png_bytes
-from xray_match.data.writer import write_split
+from xray_match.data.writer import write_splits
 
 DATASET = "multi-mnist"
 DIGIT = 28
@@ -155,10 +155,8 @@ def build_multi_mnist(
     workers = workers or min(2, os.cpu_count() or 1)
     info = {"generator": "xray_match.data.multi_mnist", "spec": asdict(spec)}
     sizes = {"train": train, "val": val, "test": test, "test_2x2": grid_test, "test_3x3": grid_test}
-    for split, n in sizes.items():
-        if n:
-            make = functools.partial(render, split, spec=spec)  # picklable for the process pool
-            write_split(out, DATASET, split, n, make, maxcount=maxcount, workers=workers, info=info, progress=progress)
+    make = functools.partial(render, spec=spec)  # picklable for the process pool
+    write_splits(out, DATASET, sizes, make, maxcount=maxcount, workers=workers, info=info, progress=progress)
     return out
 
 

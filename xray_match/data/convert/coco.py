@@ -9,6 +9,8 @@ Official layout (``--coco-root DIR``)::
 
 gives splits ``train`` (train2014) and ``val`` (val2014), images in id order, captions in
 annotation-id order. ``year=2017`` reads ``captions_train2017.json`` and ``train2017/`` instead.
+The image folders may also sit in ``DIR/images/`` (``DIR/images/train2014``: the layout of LAVIS
+and Karpathy's tools), or anywhere with ``images=`` (``--images``) naming their parent folder.
 
 Karpathy layout (``--karpathy dataset_coco.json``): ``images[]`` with ``filepath`` (train2014 or
 val2014, relative to the COCO root), ``filename``, ``cocoid``, ``split`` in train / restval / val
@@ -32,6 +34,7 @@ from xray_match.data.convert.common import (
     SplitPlan,
     exists,
     field_of,
+    isdir,
     karpathy_records,
     list_names,
     options_info,
@@ -45,6 +48,18 @@ from xray_match.data.convert.common import (
 from xray_match.data.format import Manifest, join
 
 
+def find_image_folder(coco_root: str, part: str, images: str | None = None) -> str:
+    """The folder of COCO's ``part`` images (``train2014``, ...): ``images/part`` when ``images``
+    names their parent, else the first that exists of ``coco_root/part`` (the layout of
+    cocodataset.org's zips) and ``coco_root/images/part`` (LAVIS, Karpathy's tools)."""
+    tried = [join(images, part)] if images else [join(coco_root, part), join(coco_root, "images", part)]
+    for folder in tried:
+        if isdir(folder):
+            return folder
+    nor = f" (nor {', '.join(tried[1:])})" if len(tried) > 1 else ""
+    raise ConversionError(f"{tried[0]}: the {part} image folder not found{nor}; pass --images DIR, the folder that holds {part}/")
+
+
 def convert_coco(
     out: str,
     coco_root: str,
@@ -52,30 +67,37 @@ def convert_coco(
     karpathy: str | None = None,
     keep_restval: bool = False,
     year: int = 2014,
+    images: str | None = None,
     opts: ConvertOptions | None = None,
 ) -> Manifest:
-    """Convert COCO captions under ``coco_root`` into shards at ``out`` (path or fsspec URL)."""
+    """Convert COCO captions under ``coco_root`` into shards at ``out`` (path or fsspec URL);
+    ``images`` is the folder holding ``train2014/`` and ``val2014/`` when they are not in
+    ``coco_root`` or ``coco_root/images``."""
     opts = opts or ConvertOptions()
     require_dir(coco_root, "the COCO root")
     if karpathy:
         dataset = "coco-karpathy"
         problems = Problems(dataset)
+        folders: dict[str, str] = {}
 
         def image_path(im: dict[str, Any]) -> str:
             where = f"{karpathy}: image {im.get('filename', '?')}"
-            return join(coco_root, field_of(im, "filepath", where), field_of(im, "filename", where))
+            part = field_of(im, "filepath", where)
+            if part not in folders:
+                folders[part] = find_image_folder(coco_root, part, images)
+            return join(folders[part], field_of(im, "filename", where))
 
         def image_id(im: dict[str, Any]) -> int:
             return int(field_of(im, "cocoid", f"{karpathy}: image {im.get('filename', '?')}"))
 
         split_map = {} if keep_restval else {"restval": "train"}
         plans = karpathy_records(karpathy, image_path, image_id, split_map, opts, problems, dataset)
-        source = {"coco_root": coco_root, "karpathy": karpathy}
+        source = {"coco_root": coco_root, "images": images, "karpathy": karpathy}
     else:
         dataset = "coco"
         problems = Problems(dataset)
-        plans = _official_plans(coco_root, year, opts, problems)
-        source = {"coco_root": coco_root, "year": year}
+        plans = _official_plans(coco_root, images, year, opts, problems)
+        source = {"coco_root": coco_root, "images": images, "year": year}
     verify_records(plans, problems, opts, dataset)
     info = {
         "converter": "coco",
@@ -87,7 +109,9 @@ def convert_coco(
     return write_plans(out, dataset, plans, problems, ImageSampleBuilder(opts.max_side), opts, info)
 
 
-def _official_plans(coco_root: str, year: int, opts: ConvertOptions, problems: Problems) -> dict[str, SplitPlan]:
+def _official_plans(
+    coco_root: str, images: str | None, year: int, opts: ConvertOptions, problems: Problems
+) -> dict[str, SplitPlan]:
     plans: dict[str, SplitPlan] = {}
     for split in ("train", "val"):
         if not opts.wants(split):
@@ -96,9 +120,7 @@ def _official_plans(coco_root: str, year: int, opts: ConvertOptions, problems: P
         ann = join(coco_root, "annotations", f"captions_{part}.json")
         if not exists(ann):
             raise ConversionError(f"{ann}: no such file (to convert only some splits, pass --splits)")
-        folder = join(coco_root, part)
-        require_dir(folder, f"the {part} image folder")
-        plans[split] = _plan_part(ann, folder, part, split, opts, problems)
+        plans[split] = _plan_part(ann, find_image_folder(coco_root, part, images), part, split, opts, problems)
     if not plans:
         raise ConversionError(f"coco: none of the splits {list(opts.splits)} exists (official splits: train, val)")
     return plans

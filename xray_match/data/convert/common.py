@@ -13,7 +13,9 @@ A conversion runs in two phases.
    into a shard sample; :func:`write_records` writes the shards with
    :func:`xray_match.data.writer.write_split`, so a re-run keeps complete shards and rewrites the
    rest. Record order is deterministic, and each split's records and options are fingerprinted
-   in the manifest: when they change, that split is rewritten instead of resumed.
+   in the manifest: when they change, that split is rewritten instead of resumed. The output
+   folder is marked incomplete from the first write until the last split is written
+   (:func:`xray_match.data.writer.finish_write`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,17 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from xray_match.data.format import Manifest, ShardInfo, join, shard_name, write_manifest
-from xray_match.data.writer import _complete, load_or_new_manifest, write_shard, write_split
+from xray_match.data.format import MANIFEST, Manifest, ShardInfo, join, write_manifest
+from xray_match.data.io import exists, isdir, list_names  # the converters take them from here
+from xray_match.data.writer import (
+    _complete,
+    add_shard,
+    finish_write,
+    open_folder,
+    start_split,
+    write_shard,
+    write_split,
+)
 
 #: how many offending ids an error message or the manifest lists per kind of problem
 SHOW_IDS = 20
@@ -139,11 +150,6 @@ class Problems:
 # ----------------------------------------------------------------------------- input files (local or fsspec URL)
 
 
-def exists(path: str) -> bool:
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
-
-
 def read_bytes(path: str) -> bytes:
     try:
         with fsspec.open(path, "rb") as fh:
@@ -179,17 +185,8 @@ def read_json(path: str) -> Any:
 
 
 def require_dir(path: str, what: str) -> None:
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.isdir(p):
+    if not isdir(path):
         raise ConversionError(f"{path}: {what} not found (no such folder)")
-
-
-def list_names(path: str) -> set[str]:
-    """File names directly inside a folder (empty set if the folder does not exist)."""
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.isdir(p):
-        return set()
-    return {posixpath.basename(x.rstrip("/")) for x in fs.ls(p, detail=False)}
 
 
 def field_of(obj: Any, key: str, where: str) -> Any:
@@ -492,24 +489,27 @@ def write_plans(
     for split, plan in plans.items():
         if not plan.records:
             raise ConversionError(f"{dataset}: split {split!r} has no images left to write")
-    if "://" not in root:
-        os.makedirs(root, exist_ok=True)
-
-    manifest = load_or_new_manifest(root, dataset)
+    manifest = open_folder(root, dataset)  # refuses a folder that is not ours, or holds another data set
     old = manifest.info.get("convert", {})
-    if manifest.splits and (manifest.dataset != dataset or old.get("converter", info.get("converter")) != info.get("converter")):
+    if manifest.splits and old.get("converter", info.get("converter")) != info.get("converter"):
         raise ConversionError(
-            f"{join(root, 'manifest.json')}: this folder holds {manifest.dataset!r} (converter "
-            f"{old.get('converter', '?')!r}); write {dataset!r} to another folder"
+            f"{join(root, MANIFEST)}: this folder holds {manifest.dataset!r} written by converter "
+            f"{old.get('converter')!r}; write {info.get('converter')!r} output to another folder"
         )
-    per_split = dict(old.get("splits", {}))
+    if opts.splits:  # some splits: the others stay as written (a plan never started is forgotten)
+        per_split = {sp: v for sp, v in old.get("splits", {}).items() if sp in manifest.splits}
+    else:  # the whole input: a split it no longer has is stale (finish_write deletes its shards)
+        per_split = {}
+        for split in (set(manifest.splits) | set(manifest.info.get("splits", {}))) - set(plans):
+            manifest.splits.pop(split, None)
+            manifest.info.get("splits", {}).pop(split, None)
     changed = []
     for split, plan in plans.items():
         fp = fingerprint(plan.records, {
             "dataset": dataset, "converter": info.get("converter"), **opts.fingerprint_fields(),
             "builder": getattr(build, "describe", dict)(),
         })
-        if per_split.get(split, {}).get("fingerprint") != fp:
+        if old.get("splits", {}).get(split, {}).get("fingerprint") != fp:
             changed.append(split)
         per_split[split] = {
             "images": len(plan.records),
@@ -527,13 +527,13 @@ def write_plans(
     for split in changed:
         if manifest.splits.get(split):
             manifest.splits[split] = []
-    manifest.dataset = dataset
     manifest.info["convert"] = convert_info
+    manifest.complete = False
     write_manifest(root, manifest)
 
     for split, plan in plans.items():
-        manifest = write_records(root, dataset, split, plan.records, build, opts, {"convert": convert_info})
-    return manifest
+        manifest = write_records(root, dataset, split, plan.records, build, opts, {"convert": convert_info}, finish=False)
+    return finish_write(root, manifest)
 
 
 def write_records(
@@ -544,10 +544,12 @@ def write_records(
     build: Callable[[dict[str, Any]], dict[str, Any]],
     opts: ConvertOptions,
     info: dict[str, Any],
+    finish: bool = True,
 ) -> Manifest:
-    """Write ``build(record)`` for every record as shards of ``opts.maxcount`` (resumable)."""
+    """Write ``build(record)`` for every record as shards of ``opts.maxcount`` (resumable;
+    ``finish=False`` leaves the folder incomplete for a further split, as in :func:`write_split`)."""
     if opts.use_ray:
-        return _write_records_ray(root, dataset, split, records, build, opts, info)
+        return _write_records_ray(root, dataset, split, records, build, opts, info, finish)
     fd, tmp = tempfile.mkstemp(prefix="xray-records-", suffix=".pkl")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -558,7 +560,7 @@ def write_records(
         _RECORD_CACHE[tmp] = records
         return write_split(
             root, dataset, split, len(records), _RecordMaker(build, tmp), maxcount=opts.maxcount,
-            workers=opts.workers, info=info, progress=opts.progress,
+            workers=opts.workers, info=info, progress=opts.progress, finish=finish,
         )
     finally:
         _RECORD_CACHE.pop(tmp, None)
@@ -567,7 +569,7 @@ def write_records(
 
 def _write_records_ray(
     root: str, dataset: str, split: str, records: list[dict[str, Any]],
-    build: Callable[[dict[str, Any]], dict[str, Any]], opts: ConvertOptions, info: dict[str, Any],
+    build: Callable[[dict[str, Any]], dict[str, Any]], opts: ConvertOptions, info: dict[str, Any], finish: bool,
 ) -> Manifest:
     """The Ray twin of :func:`write_split`: same manifest bookkeeping (so a local run resumes a Ray
     run and back), one task per missing shard, each writing its shard straight to ``root``."""
@@ -578,29 +580,12 @@ def _write_records_ray(
         ray.init(address=opts.ray_address, log_to_driver=False)
         started = True
     try:
-        n, maxcount = len(records), opts.maxcount
-        manifest = load_or_new_manifest(root, dataset)
-        spec = {"num_samples": n, "maxcount": maxcount}
-        if manifest.info.get("splits", {}).get(split) != spec:
-            manifest.splits[split] = []
-        manifest.info.setdefault("splits", {})[split] = spec
-        manifest.info.update(info)
-        manifest.dataset = dataset
-        done = {s.name: s for s in manifest.splits.get(split, []) if _complete(root, s)}
-        manifest.splits[split] = sorted(done.values(), key=lambda s: s.name)
-        write_manifest(root, manifest)
-
+        manifest, todo = start_split(root, dataset, split, len(records), opts.maxcount, info)
         task = ray.remote(num_cpus=1)(_ray_shard_task)
         build_ref = ray.put(build)
-        pending = {}
-        for i in range((n + maxcount - 1) // maxcount):
-            name = shard_name(split, i)
-            if name in done:
-                continue
-            ref = task.remote(join(root, name), records[i * maxcount : (i + 1) * maxcount], build_ref)
-            pending[ref] = name
-        bar = tqdm(total=n, desc=f"{dataset}/{split} (ray)", unit="img", disable=not opts.progress)
-        bar.update(sum(s.count for s in done.values()))
+        pending = {task.remote(join(root, name), records[start:stop], build_ref): name for name, start, stop in todo}
+        bar = tqdm(total=len(records), desc=f"{dataset}/{split} (ray)", unit="img", disable=not opts.progress)
+        bar.update(manifest.count(split))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -611,11 +596,10 @@ def _write_records_ray(
                         f"{join(root, name)}: written by a Ray task but not visible from the driver; with --ray the "
                         f"output must be storage every node shares (an s3:// or gs:// URL, or a shared file system)"
                     )
-                manifest.splits[split] = sorted(manifest.splits[split] + [entry], key=lambda s: s.name)
-                write_manifest(root, manifest)
+                add_shard(root, manifest, split, entry)
                 bar.update(entry.count)
         bar.close()
-        return manifest
+        return finish_write(root, manifest) if finish else manifest
     finally:
         if started:
             ray.shutdown()
@@ -754,4 +738,5 @@ def options_info(opts: ConvertOptions, **more: Any) -> dict[str, Any]:
 __all__ = [
     "ConversionError", "ConvertOptions", "Problems", "SplitPlan", "ImageSampleBuilder", "NpyRows",
     "PLACEHOLDER_PNG", "write_plans", "write_records", "karpathy_records", "take_captions", "load_image",
+    "exists", "isdir", "list_names",
 ]

@@ -8,7 +8,8 @@ Layout (Plummer et al., ICCV 2015)::
                                     or <nobndbox>1</nobndbox> / <scene>1</scene> and no box
     ENTITIES/Sentences/<id>.txt     five lines of phrase markup:
                                     [/EN#18/people A child] in [/EN#19/clothing a pink dress] ...
-    ENTITIES/{train,val,test}.txt   Flickr ids per split (29,783 / 1,000 / 1,000)
+    ENTITIES/{train,val,test}.txt   Flickr ids per split (29,783 / 1,000 / 1,000); without
+                                    them every annotated image goes to one split ``all``
     IMAGES/<id>.jpg                 the Flickr30k images
 
 Readings chosen (documented in docs/data.md):
@@ -49,7 +50,7 @@ from xray_match.data.convert.common import (
     safe_key,
     write_plans,
 )
-from xray_match.data.convert.flickr30k import read_split_lists
+from xray_match.data.convert.flickr30k import ONE_SPLIT, id_order, read_split_lists
 from xray_match.data.format import Manifest, join
 
 DATASET = "flickr30k-entities"
@@ -200,15 +201,21 @@ def convert_entities(
     opts: ConvertOptions | None = None,
 ) -> Manifest:
     """Convert Flickr30k Entities (``entities`` holds Annotations/, Sentences/ and the split
-    lists unless ``split_lists`` names another folder) with the images in ``images``."""
+    lists unless ``split_lists`` names another folder) with the images in ``images``. Without
+    lists in ``entities`` (and no ``split_lists``), every image with an annotation or sentence
+    file goes to one split ``all``, as ``flickr30k --token`` does without ``--split-lists``."""
     opts = opts or ConvertOptions()
     require_dir(images, "the flickr30k-images folder")
     ann_dir, sen_dir = join(entities, "Annotations"), join(entities, "Sentences")
     require_dir(ann_dir, "Flickr30k Entities Annotations/")
     require_dir(sen_dir, "Flickr30k Entities Sentences/")
-    lists = read_split_lists(split_lists or entities, "Flickr30k Entities split lists")
+    lists = read_split_lists(split_lists or entities, "Flickr30k Entities split lists", required=bool(split_lists))
     problems = Problems(DATASET)
     anns, sens, imgs = list_names(ann_dir), list_names(sen_dir), list_names(images)
+    listed = bool(lists)
+    if not listed:  # the union, so that an image with one file but not the other is a problem, not left out
+        stems = {n[: -len(".xml")] for n in anns if n.endswith(".xml")} | {n[: -len(".txt")] for n in sens if n.endswith(".txt")}
+        lists = {"all": id_order(stems)}
     plans: dict[str, SplitPlan] = {}
     seen: dict[str, str] = {}
     for split, ids in lists.items():
@@ -245,8 +252,9 @@ def convert_entities(
         raise ConversionError(f"{DATASET}: none of the splits {list(opts.splits)} exists (have: {', '.join(lists)})")
     info = {
         "converter": "flickr30k-entities",
-        "source": {"images": images, "entities": entities, "split_lists": split_lists or entities},
-        "options": options_info(opts), "pixels": True, "split_scheme": "Flickr30k Entities lists",
+        "source": {"images": images, "entities": entities, "split_lists": (split_lists or entities) if listed else None},
+        "options": options_info(opts), "pixels": True,
+        "split_scheme": "Flickr30k Entities lists" if listed else ONE_SPLIT,
         "entity_types": list(ENTITY_TYPES),
         "box_convention": "union of the entity's boxes; XML 1-based inclusive -> [xmin-1, ymin-1, xmax, ymax]",
     }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Any
+from typing import Any, Iterable
 
 from xray_match.data.convert.common import (
     ConversionError,
@@ -42,6 +42,8 @@ from xray_match.data.convert.common import (
 from xray_match.data.format import Manifest, join
 
 SPLITS = ("train", "val", "test")
+#: ``split_scheme`` of a conversion without split lists: every image in one split ``all``
+ONE_SPLIT = "none (one split 'all')"
 
 
 def flickr_id(name: str) -> int | str:
@@ -50,14 +52,21 @@ def flickr_id(name: str) -> int | str:
     return int(stem) if stem.isdigit() else stem
 
 
-def read_split_lists(folder: str, what: str) -> dict[str, list[str]]:
-    """``{split: [id, ...]}`` from ``folder/{train,val,test}.txt`` (blank lines ignored)."""
+def id_order(stems: Iterable[str]) -> list[str]:
+    """Flickr ids in numeric order (non-numeric names after them, by name): a deterministic order
+    for a split ``all`` that no list orders."""
+    return sorted(stems, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+
+
+def read_split_lists(folder: str, what: str, required: bool = True) -> dict[str, list[str]]:
+    """``{split: [id, ...]}`` from ``folder/{train,val,test}.txt`` (blank lines ignored); empty
+    when there are none and they are not ``required``."""
     lists = {}
     for split in SPLITS:
         path = join(folder, f"{split}.txt")
         if exists(path):
             lists[split] = [ln.strip() for ln in read_lines(path) if ln.strip()]
-    if not lists:
+    if not lists and required:
         raise ConversionError(f"{folder}: no train.txt, val.txt or test.txt ({what})")
     return lists
 
@@ -96,7 +105,7 @@ def convert_flickr30k(
     verify_records(plans, problems, opts, dataset)
     info = {
         "converter": "flickr30k", "source": source, "options": options_info(opts), "pixels": True,
-        "split_scheme": "karpathy" if karpathy else ("split lists" if split_lists else "none (one split 'all')"),
+        "split_scheme": "karpathy" if karpathy else ("split lists" if split_lists else ONE_SPLIT),
     }
     return write_plans(out, dataset, plans, problems, ImageSampleBuilder(opts.max_side), opts, info)
 
@@ -129,7 +138,7 @@ def _token_plans(
     if split_lists:
         lists = read_split_lists(split_lists, "the --split-lists folder")
     else:
-        lists = {"all": sorted(by_stem, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))}
+        lists = {"all": id_order(by_stem)}
     listed: dict[str, str] = {}
     for split, ids in lists.items():
         for i in ids:

@@ -8,7 +8,8 @@ Layout of the SALICON release (LSUN 2017 challenge version)::
                                                            resolution [h w] and gaze(i).fixations
                                                            (n x 2, [x y], 1-based) per subject
 
-The COCO side is the official layout (see :mod:`xray_match.data.convert.coco`): the id in a map's
+The COCO side is the official layout (see :mod:`xray_match.data.convert.coco`; the image folders
+in ``COCO/``, ``COCO/images/`` or ``images=``): the id in a map's
 name picks the image and its captions from ``captions_{train,val}2014.json``. Splits are SALICON's:
 ``train`` (10,000 images from COCO train2014) and ``val`` (5,000 from COCO val2014); the SALICON
 test images have no public maps and are not converted.
@@ -57,6 +58,7 @@ from xray_match.data.convert.common import (
     verify_records,
     write_plans,
 )
+from xray_match.data.convert.coco import find_image_folder
 from xray_match.data.format import Manifest, join
 
 DATASET = "salicon"
@@ -126,26 +128,30 @@ def convert_salicon(
     coco_root: str,
     *,
     fixations: bool = True,
+    images: str | None = None,
     opts: ConvertOptions | None = None,
 ) -> Manifest:
-    """Convert SALICON maps (``salicon/maps/{train,val}``) joined with COCO under ``coco_root``."""
+    """Convert SALICON maps (``salicon/maps/{train,val}``) joined with COCO under ``coco_root``
+    (image folders found as in :func:`~xray_match.data.convert.coco.find_image_folder`)."""
     opts = opts or ConvertOptions()
     require_dir(join(salicon, "maps"), "SALICON maps/")
     require_dir(coco_root, "the COCO root")
     problems = Problems(DATASET)
-    coco: dict[str, tuple[dict[int, dict[str, Any]], dict[int, list[str]], set[str]]] = {}
+    coco: dict[str, tuple[dict[int, dict[str, Any]], dict[int, list[str]], str, set[str]]] = {}
 
-    def coco_part(part: str) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]], set[str]]:
+    def coco_part(part: str) -> tuple[dict[int, dict[str, Any]], dict[int, list[str]], str, set[str]]:
+        """COCO ``part``: images by id, captions by id, the image folder and its file names."""
         if part not in coco:
             ann = join(coco_root, "annotations", f"captions_{part}.json")
             if not exists(ann):
                 raise ConversionError(f"{ann}: no such file (SALICON maps name COCO {part} images)")
             doc = read_json(ann)
-            images = {int(field_of(im, "id", ann)): im for im in field_of(doc, "images", ann)}
+            by_id = {int(field_of(im, "id", ann)): im for im in field_of(doc, "images", ann)}
             caps: dict[int, list[tuple[int, str]]] = {}
             for i, a in enumerate(field_of(doc, "annotations", ann)):
                 caps.setdefault(int(field_of(a, "image_id", ann)), []).append((int(a.get("id", i)), field_of(a, "caption", ann)))
-            coco[part] = (images, {k: [c for _, c in sorted(v)] for k, v in caps.items()}, list_names(join(coco_root, part)))
+            folder = find_image_folder(coco_root, part, images)
+            coco[part] = (by_id, {k: [c for _, c in sorted(v)] for k, v in caps.items()}, folder, list_names(folder))
         return coco[part]
 
     plans: dict[str, SplitPlan] = {}
@@ -169,11 +175,11 @@ def convert_salicon(
                 problems.add(split, "duplicate_id", cid)
                 continue
             seen.add(cid)
-            images, captions, files = coco_part(part)
-            if cid not in images or cid not in captions:
+            by_id, captions, folder, files = coco_part(part)
+            if cid not in by_id or cid not in captions:
                 problems.add(split, "map_for_unknown_image", cid, f"{name}: no COCO {part} image with captions")
                 continue
-            file_name = field_of(images[cid], "file_name", f"captions_{part}.json: image {cid}")
+            file_name = field_of(by_id[cid], "file_name", f"captions_{part}.json: image {cid}")
             if file_name not in files:
                 problems.add(split, "missing_image", cid, join(part, file_name))
                 continue
@@ -185,7 +191,7 @@ def convert_salicon(
             if caps is None:
                 continue
             plan.records.append({
-                "key": safe_key(cid), "image_id": cid, "split": split, "path": join(coco_root, part, file_name),
+                "key": safe_key(cid), "image_id": cid, "split": split, "path": join(folder, file_name),
                 "captions": caps, "saliency": join(maps_dir, name),
                 "fixations": join(fix_dir, f"{stem}.mat") if use_fix else None,
                 "meta": {"file_name": file_name, "source_split": part},
@@ -195,7 +201,7 @@ def convert_salicon(
         raise ConversionError(f"{DATASET}: none of the splits {list(opts.splits)} exists (SALICON splits: train, val)")
     verify_records(plans, problems, opts, DATASET)
     info = {
-        "converter": "salicon", "source": {"salicon": salicon, "coco_root": coco_root},
+        "converter": "salicon", "source": {"salicon": salicon, "coco_root": coco_root, "images": images},
         "options": options_info(opts, fixations=fixations), "pixels": True, "split_scheme": "SALICON train / val",
         "saliency": "SALICON map resized (bilinear) to the COCO image size",
     }

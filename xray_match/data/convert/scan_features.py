@@ -15,6 +15,10 @@ Readings chosen (documented in docs/data.md):
 
 * Splits: ``dev`` becomes ``val`` (our name for the validation split); ``train``, ``test`` and
   ``testall`` keep theirs.
+* ``image_id`` (and key) is ``<split>-<row>`` (``val-0000003``): unique in the data set, as the
+  format requires, although each split's rows count from 0 and the same image may sit in two
+  splits (COCO's ``test`` is part of ``testall``). The id from ``<split>_ids.txt``, when there is
+  one, goes to ``source_id``.
 * These samples carry no pixels. Each holds a 1x1 black placeholder ``png`` (so the shard reader's
   image checks pass unchanged), ``regions.npy`` = the image's (36, 2048) features in their stored
   dtype, ``boxes.npy`` when a boxes file exists, and json ``"pixels": false``; the manifest says
@@ -96,6 +100,8 @@ class PrecompBuilder:
             "image_id": record["image_id"], "split": record["split"], "captions": record["captions"],
             "pixels": False, "source_split": src, "feature_row": row,
         }
+        if "source_id" in record:
+            meta["source_id"] = record["source_id"]
         if "width" in record:
             meta["width"], meta["height"] = record["width"], record["height"]
         sample = {"__key__": record["key"], "png": PLACEHOLDER_PNG, "regions.npy": npy_bytes(regions)}
@@ -197,12 +203,15 @@ def convert_scan(
         ims[src] = ims_path
         plan = SplitPlan([])
         for i in opts.limited(range(n)):
-            ident = ids[i] if ids is not None else i
+            key = f"{split}-{i:07d}"
+            ident = ids[i] if ids is not None else key  # problems name the id the user knows
             got = take_captions(caps[n_caps * i : n_caps * (i + 1)], opts, problems, split, ident, plan.stats)
             if got is None:
                 continue
-            rec: dict[str, Any] = {"key": f"{i:07d}", "image_id": ident, "split": split, "source_split": src, "row": i,
+            rec: dict[str, Any] = {"key": key, "image_id": key, "split": split, "source_split": src, "row": i,
                                    "captions": got}
+            if ids is not None:
+                rec["source_id"] = ids[i]
             if sizes is not None:
                 w, h = sizes[i]
                 rec["width"], rec["height"] = w, h
