@@ -139,6 +139,30 @@ def test_symmetric_loss_and_paper_metrics():
     assert out["acc"].item() == 1.0 and out["avg_similarity"].item() == 1.0
 
 
+def test_sentence_heads_pool_valid_steps_only():
+    from xray_match.models.encoders.text import LSTMHead, TokenPool, pool_steps
+
+    x = torch.tensor([[[1.0, 5.0], [3.0, 2.0], [9.0, 9.0]]])  # the third step is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert pool_steps(x, mask, "max").tolist() == [[3.0, 5.0]]
+    assert pool_steps(x, mask, "mean").tolist() == [[2.0, 3.5]]
+    assert pool_steps(x, mask, "last").tolist() == [[3.0, 2.0]]
+    assert TokenPool(2, "max")(x, mask).tolist() == [[3.0, 5.0]]
+    # the LSTM heads: padding never changes a caption's vector, whatever the pooling; max / last are
+    # the max / last of the LSTM's own outputs
+    torch.manual_seed(0)
+    for pooling in ("last", "max", "mean"):
+        head = LSTMHead(2, 4, pooling)
+        alone = head(x[:, :2], torch.tensor([[1, 1]]))
+        padded = head(torch.cat([x[:, :2], torch.randn(1, 3, 2)], dim=1), torch.tensor([[1, 1, 0, 0, 0]]))
+        assert torch.allclose(padded, alone, atol=1e-6)
+        steps, _ = head.lstm(x[:, :2])  # (1, 2, 4)
+        want = {"last": steps[:, -1], "max": steps.amax(1), "mean": steps.mean(1)}[pooling]
+        assert torch.allclose(alone, want, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the LSTM"):
+        TokenPool(2, "last")
+
+
 @pytest.mark.parametrize("embeddings", ["static", "contextual"])
 def test_model_forward_and_inference(tiny_scenes, embeddings):
     from xray_match.config import load_config

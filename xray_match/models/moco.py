@@ -5,6 +5,12 @@ token embeddings + 1-layer LSTM, 768-d). Teacher nets: one fully connected encod
 (Linear, LeakyReLU, Dropout) into a shared space (100-d). Embeddings are L2-normalised so the
 dot product of Eq. (1) is a cosine similarity (as in MoCo; the paper says "dot product").
 
+``feature_norm`` puts a BatchNorm without affine parameters between each student and its teacher.
+Not in the paper; it is what makes two random towers start learning from scratch: a ResNet's pooled
+ReLU features and an LSTM's states share a large common component (mean pairwise cosine 0.99 at
+initialisation), and the teachers then see almost no difference between samples. Standardising
+each feature over the batch removes it (measurements in docs/moco.md).
+
 For queue/rerank sampling a momentum copy of each branch produces keys (MoCo). The frozen
 transformer is shared by both text branches: it never changes, so its EMA copy would equal it.
 """
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xray_match.models.encoders.text import LSTMHead, TokenFeatures
+from xray_match.models.encoders.text import TokenFeatures
 
 
 class Teacher(nn.Module):
@@ -43,24 +49,26 @@ class Teacher(nn.Module):
 
 
 class Branch(nn.Module):
-    """student -> teacher -> L2 normalisation."""
+    """student -> [BatchNorm, no affine] -> teacher -> L2 normalisation."""
 
-    def __init__(self, student: nn.Module, teacher: Teacher):
+    def __init__(self, student: nn.Module, teacher: Teacher, norm: nn.Module | None = None):
         super().__init__()
         self.student, self.teacher = student, teacher
+        self.norm = norm or nn.Identity()
 
     def forward(self, *args: Any) -> torch.Tensor:
-        return F.normalize(self.teacher(self.student(*args).float()), dim=-1)
+        return F.normalize(self.teacher(self.norm(self.student(*args).float())), dim=-1)
 
 
 class IntermodalModel(nn.Module):
-    def __init__(self, vision: nn.Module, vision_dim: int, tokens: TokenFeatures, lstm_hidden: int,
-                 teacher_hidden: list[int], embed_dim: int, dropout: float, momentum_keys: bool):
+    def __init__(self, vision: nn.Module, vision_dim: int, tokens: TokenFeatures, text_head: nn.Module,
+                 teacher_hidden: list[int], embed_dim: int, dropout: float, momentum_keys: bool,
+                 feature_norm: bool = True):
         super().__init__()
         self.tokens = tokens
-        self.image = Branch(vision, Teacher(vision_dim, teacher_hidden, embed_dim, dropout))
-        head = LSTMHead(tokens.dim, lstm_hidden)
-        self.text = Branch(head, Teacher(head.dim, teacher_hidden, embed_dim, dropout))
+        norm = lambda d: nn.BatchNorm1d(d, affine=False) if feature_norm else None  # noqa: E731
+        self.image = Branch(vision, Teacher(vision_dim, teacher_hidden, embed_dim, dropout), norm(vision_dim))
+        self.text = Branch(text_head, Teacher(text_head.dim, teacher_hidden, embed_dim, dropout), norm(text_head.dim))
         self.image_key = self.text_key = None
         if momentum_keys:
             self.image_key = copy.deepcopy(self.image).requires_grad_(False)

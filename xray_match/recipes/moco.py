@@ -16,7 +16,7 @@ from xray_match.losses.contrastive import InfoNCELoss
 from xray_match.metrics.plots import save_recall_curve
 from xray_match.metrics.retrieval import chunked_ranks, mean_pairwise_cosine, summarize
 from xray_match.models.encoders.image import build_resnet
-from xray_match.models.encoders.text import TokenFeatures, load_tokenizer
+from xray_match.models.encoders.text import TokenFeatures, build_text_head, load_tokenizer
 from xray_match.models.moco import IntermodalModel
 from xray_match.registry import RECIPES, SPACES
 from xray_match.samplers.negatives import build_sampler
@@ -99,8 +99,9 @@ class MocoRecipe(Recipe):
         m = self.cfg.moco
         vision, vdim = build_resnet(m.vision_backbone, m.vision_pretrained, m.vision_width)
         tokens = TokenFeatures(m.text_model, m.text_embeddings, m.text_freeze)
-        return IntermodalModel(vision, vdim, tokens, m.lstm_hidden, m.teacher_hidden, m.embed_dim, m.dropout,
-                               momentum_keys=m.sampler != "batch")
+        head = build_text_head(m.text_head, tokens.dim, m.lstm_hidden, m.text_pooling)
+        return IntermodalModel(vision, vdim, tokens, head, m.teacher_hidden, m.embed_dim, m.dropout,
+                               momentum_keys=m.sampler != "batch", feature_norm=m.feature_norm)
 
     def build_loss(self) -> nn.Module:
         m = self.cfg.moco
