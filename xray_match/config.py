@@ -117,6 +117,7 @@ class TuneSection:
     num_samples: int = F(4, ge=1)
     max_concurrent: int = F(1, ge=1)
     time_budget_s: float = F(480.0, gt=0)
+    trial_epochs: int = F(0, ge=0, help="epochs of each trial; 0 = train.epochs (a study's trials may be shorter than a run)")
     metric: str = "val/rsum"
     mode: Literal["max", "min"] = "max"
     grace_period: int = F(1, ge=1)

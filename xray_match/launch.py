@@ -132,6 +132,8 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
         "best_val": {k: round(v, 3) for k, v in out.get("best_metrics", {}).items() if k.startswith("val/")},
         "test": {k: round(v, 3) for k, v in out.get("test", {}).items()} or None,
     })
+    if out.get("table"):
+        print(out["table"], flush=True)
     return out
 
 

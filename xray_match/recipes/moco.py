@@ -94,6 +94,10 @@ class MocoRecipe(Recipe):
     name = "moco"
     metric = "val/rsum"
     mode = "max"
+    # the paper's columns (Tables 2-5: accuracy, loss, average similarity on validation and on
+    # training), then rsum and the embedding spread
+    table_columns = ("val/acc", "val/loss", "val/avg_similarity", "train/acc", "train/nce_loss",
+                     "train/avg_similarity", "val/rsum", "val/image_spread", "train/samples_per_s")
 
     def build_model(self) -> nn.Module:
         m = self.cfg.moco
@@ -209,3 +213,49 @@ def moco_space(cfg: Config) -> dict[str, Any]:
         "optim.lr": tune.loguniform(2e-4, 3e-3) if cfg.optim.name == "adamw" else tune.loguniform(1e-3, 1e-1),
         "data.batch_size": tune.choice([16, 32, 48, 64]),
     }
+
+
+# The paper's experiments (§4.1) as grids: one command each, e.g.
+#   python jobs/tune_moco.py --space moco_table2
+# ``data.batch_size`` is per Ray Train worker (in-batch negatives come from the global batch).
+
+
+@SPACES.register("moco_table2")
+def moco_table2(cfg: Config) -> dict[str, Any]:
+    """Table 2: batch sampling at batch size 16 / 32 / 48 / 64."""
+    from ray import tune
+
+    return {"moco.sampler": "batch", "data.batch_size": tune.grid_search([16, 32, 48, 64])}
+
+
+@SPACES.register("moco_table3")
+def moco_table3(cfg: Config) -> dict[str, Any]:
+    """Table 3: queue sampling at batch 64, K = 0.3 / 0.5 / 0.7 / 1.0 of the train split."""
+    from ray import tune
+
+    return {"moco.sampler": "queue", "data.batch_size": 64, "moco.queue_fraction": tune.grid_search([0.3, 0.5, 0.7, 1.0])}
+
+
+@SPACES.register("moco_table4")
+def moco_table4(cfg: Config) -> dict[str, Any]:
+    """Table 4: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at batch 64."""
+    from ray import tune
+
+    return {"moco.sampler": "batch", "data.batch_size": 64, "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
+
+
+@SPACES.register("moco_table5")
+def moco_table5(cfg: Config) -> dict[str, Any]:
+    """Table 5: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at batch 48."""
+    from ray import tune
+
+    return {"moco.sampler": "batch", "data.batch_size": 48, "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
+
+
+@SPACES.register("moco_samplers")
+def moco_samplers(cfg: Config) -> dict[str, Any]:
+    """The three samplers at equal steps and batch (the preset's), queue / rerank over K = the
+    whole train split."""
+    from ray import tune
+
+    return {"moco.sampler": tune.grid_search(["batch", "queue", "rerank"]), "moco.queue_fraction": 1.0}

@@ -75,6 +75,8 @@ class Recipe:
     #: the validation metric Tune optimizes and the registry tags by default
     metric: ClassVar[str] = "val/rsum"
     mode: ClassVar[str] = "max"
+    #: the columns a grid study's table reports per trial (its last epoch), after the grid's keys
+    table_columns: ClassVar[tuple[str, ...]] = ("val/rsum",)
 
     def __init__(self, cfg: Config, info: DataInfo):
         self.cfg = cfg

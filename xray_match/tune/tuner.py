@@ -32,6 +32,18 @@ def is_grid(space: dict[str, Any]) -> bool:
     return any(isinstance(v, dict) and "grid_search" in v for v in space.values())
 
 
+def grid_table(rows: list[tuple[dict[str, Any], dict[str, Any]]], keys: list[str], columns: tuple[str, ...]) -> str:
+    """A grid study as a markdown table: one row per trial (its config values, then its last
+    reported metrics), in grid order. A metric a trial did not report is left blank."""
+    head = keys + list(columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for values, metrics in rows:
+        cells = [str(values.get(k, "")) for k in keys]
+        cells += [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def check_space(cfg: Config, space: dict[str, Any]) -> None:
     """Every key must be a config key and every sampled value valid — before any compute."""
     from ray.tune.search.sample import Domain
@@ -132,6 +144,8 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     space_name = space or cfg.tune.space or cfg.model.name
     search_space = SPACES.get(space_name)(cfg)
     check_space(cfg, search_space)
+    if cfg.tune.trial_epochs:
+        cfg = cfg.with_overrides({"train.epochs": cfg.tune.trial_epochs})
     info = info or prepare_info(cfg)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
@@ -185,6 +199,12 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     except RuntimeError as e:
         session.end_run(parent, "FAILED")
         raise RuntimeError(f"no trial reported {metric!r}: {e}") from None
+    if grid:
+        keys = [k for k, v in search_space.items() if isinstance(v, dict) and "grid_search" in v]
+        rows = [(_decode(r.config), r.metrics or {}) for r in results]
+        out["table"] = grid_table(rows, keys, recipe.table_columns)
+        if session.enabled:
+            session.client.log_text(parent, out["table"], "tables/grid.md")
     best_values = _decode(best.config)
     out |= {"best_config": best_values, "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}}
     ckpt_path = out["best_checkpoint"] = best.metrics.get("checkpoint_path")
