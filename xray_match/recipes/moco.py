@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from xray_match.config import Config, resolve_queue_size
+from xray_match.config import Config, ConfigError, resolve_queue_size
 from xray_match.data.transforms import image_to_tensor, normalize, saliency_to_tensor, stable_id
 from xray_match.losses.contrastive import InfoNCELoss
 from xray_match.metrics.plots import save_recall_curve
@@ -217,39 +217,50 @@ def moco_space(cfg: Config) -> dict[str, Any]:
 
 # The paper's experiments (§4.1) as grids: one command each, e.g.
 #   python jobs/tune_moco.py --space moco_table2
-# ``data.batch_size`` is per Ray Train worker (in-batch negatives come from the global batch).
+# The paper's batch sizes are global (two GPUs shared each batch); they are split over the Ray
+# Train workers here, so a grid row is the same experiment whatever ray.num_workers is.
+
+
+def per_worker(cfg: Config, global_batch: int) -> int:
+    n = cfg.ray.num_workers
+    if global_batch % n:
+        raise ConfigError(f"ray.num_workers: the paper's global batch {global_batch} does not split over {n} workers")
+    return global_batch // n
 
 
 @SPACES.register("moco_table2")
 def moco_table2(cfg: Config) -> dict[str, Any]:
-    """Table 2: batch sampling at batch size 16 / 32 / 48 / 64."""
+    """Table 2: batch sampling at global batch size 16 / 32 / 48 / 64."""
     from ray import tune
 
-    return {"moco.sampler": "batch", "data.batch_size": tune.grid_search([16, 32, 48, 64])}
+    return {"moco.sampler": "batch", "data.batch_size": tune.grid_search([per_worker(cfg, b) for b in (16, 32, 48, 64)])}
 
 
 @SPACES.register("moco_table3")
 def moco_table3(cfg: Config) -> dict[str, Any]:
-    """Table 3: queue sampling at batch 64, K = 0.3 / 0.5 / 0.7 / 1.0 of the train split."""
+    """Table 3: queue sampling at global batch 64, K = 0.3 / 0.5 / 0.7 / 1.0 of the train split."""
     from ray import tune
 
-    return {"moco.sampler": "queue", "data.batch_size": 64, "moco.queue_fraction": tune.grid_search([0.3, 0.5, 0.7, 1.0])}
+    return {"moco.sampler": "queue", "data.batch_size": per_worker(cfg, 64),
+            "moco.queue_fraction": tune.grid_search([0.3, 0.5, 0.7, 1.0])}
 
 
 @SPACES.register("moco_table4")
 def moco_table4(cfg: Config) -> dict[str, Any]:
-    """Table 4: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at batch 64."""
+    """Table 4: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at global batch 64."""
     from ray import tune
 
-    return {"moco.sampler": "batch", "data.batch_size": 64, "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
+    return {"moco.sampler": "batch", "data.batch_size": per_worker(cfg, 64),
+            "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
 
 
 @SPACES.register("moco_table5")
 def moco_table5(cfg: Config) -> dict[str, Any]:
-    """Table 5: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at batch 48."""
+    """Table 5: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at global batch 48."""
     from ray import tune
 
-    return {"moco.sampler": "batch", "data.batch_size": 48, "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
+    return {"moco.sampler": "batch", "data.batch_size": per_worker(cfg, 48),
+            "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
 
 
 @SPACES.register("moco_samplers")

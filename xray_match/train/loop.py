@@ -192,6 +192,40 @@ class Trainer:
         return out
 
     @torch.no_grad()
+    def recompute_bn_stats(self, n_batches: int) -> None:
+        """Precise BN: replace every BatchNorm's running averages by the plain mean over
+        ``n_batches`` fresh training batches, with the weights as they are now.
+
+        The running averages follow the weights with an EMA (momentum 0.1, about ten steps). At a high
+        learning rate the weights move faster than that, and the averages describe weights that no
+        longer exist: the moco_cpu model trained at lr 2e-3 scored val rsum 30 in eval mode and 231
+        after this recomputation (docs/moco.md). Runs on each rank with its own data and no
+        collective; DDP broadcasts rank 0's buffers at the next forward, and rank 0 checkpoints."""
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms or n_batches <= 0:
+            return
+        net = unwrap(self.model)
+        was_training = net.training
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        net.train()
+        # a shuffle stream of its own (epoch tag far from the training epochs): the training
+        # iterator and its position are untouched
+        batches = self.loader(self.cfg.data.train_split, True, epoch=1_000_000 + self.state.epoch)
+        with self.autocast():
+            for i, batch in enumerate(batches):
+                if i == n_batches:
+                    break
+                if isinstance(batch, dict):
+                    batch.pop("_skipped", None)
+                self.recipe.forward(net, move_to(batch, self.device))
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        net.train(was_training)
+
+    @torch.no_grad()
     def evaluate(self, split: str | None = None, out_dir: str | None = None) -> tuple[dict[str, float], list[str]]:
         split = split or self.cfg.data.val_split
         self.model.eval()
@@ -225,6 +259,7 @@ def run(cfg: Config, info: DataInfo, *, rank: int = 0, world_size: int = 1, devi
         while trainer.state.epoch < cfg.train.epochs:
             t0 = time.perf_counter()
             metrics = trainer.train_epoch()
+            trainer.recompute_bn_stats(cfg.train.bn_recompute_batches)
             trainer.state.epoch += 1
             epoch_dir = os.path.join(out_dir, f"epoch{trainer.state.epoch:03d}")
             val, artifacts = trainer.evaluate(out_dir=epoch_dir)
