@@ -5,12 +5,14 @@ print where the results are. ``jobs/*.py`` are one-line calls of these."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from xray_match.config import Config, ConfigError, load_config
+from xray_match.preflight import EXPECTED, preflight
 
 FLAG_KEYS = {
     "data": "data.path",
@@ -59,18 +61,31 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg.with_overrides(args.overrides) if args.overrides else cfg
 
 
+def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A job entry point: an expected failure (:data:`xray_match.preflight.EXPECTED`) is one line
+    ``error: ...`` on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: {'config: ' if isinstance(e, ConfigError) else ''}{msg}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
 def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     args = build_parser(description, preset, tune).parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = config_from_args(args)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         raise SystemExit(0)
+    preflight(cfg)  # before Ray starts: a wrong path or an unreachable server fails in seconds
     return args, cfg
 
 
@@ -98,6 +113,7 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
             print(f"{k:>18}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
 
 
+@expected_errors
 def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Train one {preset} run on Ray", preset, tune=False, argv=argv)
     from xray_match.train.worker import run_training
@@ -114,6 +130,7 @@ def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
     return out
 
 
+@expected_errors
 def tune_main(preset: str, space: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Tune {preset} with Ray Tune + Optuna", preset, tune=True, argv=argv)
     from xray_match.tune.tuner import _checkpoint, run_tune
