@@ -86,6 +86,11 @@ def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) ->
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         raise SystemExit(0)
     preflight(cfg)  # before Ray starts: a wrong path or an unreachable server fails in seconds
+    if not os.environ.get("RAY_ADDRESS"):
+        # this job starts a local cluster whose workers run this very interpreter: Ray's `uv run`
+        # hook would instead build a virtual environment per worker process (a minute or two on
+        # 2 cores, and worker-start timeouts). Read when ray is imported, so set it first.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     return args, cfg
 
 
