@@ -145,10 +145,10 @@ class MocoRecipe(Recipe):
         img, txt, caption_image = self.embed_split(model, batches, ctx)
         r_i2t, r_t2i = chunked_ranks(lambda rows: img[rows] @ txt.T, img.shape[0], caption_image)
         out = summarize(r_i2t, r_t2i)
-        # the paper's metrics over the split, in chunks of one training batch with the first
-        # caption of each image as its positive
+        # the paper's metrics over the split, in chunks of one global training batch (what a
+        # training query is scored against) with the first caption of each image as its positive
         first = torch.searchsorted(caption_image, torch.arange(img.shape[0]))
-        b, losses, accs = self.cfg.data.batch_size, [], []
+        b, losses, accs = self.cfg.data.batch_size * self.cfg.ray.num_workers, [], []
         for s in range(0, img.shape[0] - b + 1, b):
             logits = img[s : s + b] @ txt[first[s : s + b]].T / self.cfg.moco.temperature
             target = torch.arange(logits.shape[0])
