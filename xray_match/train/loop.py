@@ -23,8 +23,8 @@ from torch import nn
 
 from xray_match.config import Config
 from xray_match.data.reader import make_loader
+from xray_match.distributed import all_reduce_mean
 from xray_match.registry import RECIPES
-from xray_match.train.distributed import all_reduce_mean
 from xray_match.train.recipe import DataInfo, EvalContext, Recipe, move_to, unwrap
 
 

@@ -54,12 +54,12 @@ class EvalContext:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor's first dimension across ranks in rank order (sizes may differ)."""
-        from xray_match.train.distributed import all_gather_varsize
+        from xray_match.distributed import all_gather_varsize
 
         return all_gather_varsize(t) if self.world_size > 1 else t
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
-        from xray_match.train.distributed import all_gather_objects
+        from xray_match.distributed import all_gather_objects
 
         return all_gather_objects(items) if self.world_size > 1 else list(items)
 
