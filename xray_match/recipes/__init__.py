@@ -10,6 +10,6 @@ BUILTIN: dict[str, str] = {
     "moco": "xray_match.recipes.moco",
     "rdan": "xray_match.recipes.rdan",
     "dspe": "xray_match.recipes.dspe",
-    "dspe_phrase": "xray_match.recipes.dspe",
+    "dspe_phrase": "xray_match.recipes.dspe_phrase",
     "grounding": "xray_match.recipes.grounding",
 }
