@@ -281,11 +281,6 @@ class DSPEInference(RetrievalInference):
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def encode_images(self, images: list) -> torch.Tensor:
-        x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images]).to(self.device)
-        return self.model.encode_image(x).float().cpu()
-
-    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.transform.featurize(list(texts)).to(self.device)).float().cpu()
 

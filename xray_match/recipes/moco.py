@@ -177,11 +177,6 @@ class MocoInference(RetrievalInference):
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def encode_images(self, images: list) -> torch.Tensor:
-        x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images]).to(self.device)
-        return self.model.encode_image(x).float().cpu()
-
-    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tok = self.transform.tokenizer(texts, truncation=True, max_length=self.cfg.data.max_text_len, padding=True, return_tensors="pt")
         return self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()

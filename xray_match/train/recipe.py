@@ -138,12 +138,21 @@ class Recipe:
 
 
 class RetrievalInference:
-    """A loaded image-text model with its preprocessing. Subclasses give ``encode_images`` /
-    ``encode_texts``, and ``score`` where similarity is not the dot product of one embedding per
-    image and per text (cross-attention); ranking is written here once."""
+    """A loaded image-text model with its preprocessing. Subclasses set ``model`` (in eval mode),
+    ``transform`` and ``device`` and give ``encode_texts``; ``encode_images`` here runs each PIL
+    image through ``transform.image`` and ``model.encode_image``; ``score`` is overridden where
+    similarity is not the dot product of one embedding per image and per text (cross-attention).
+    Ranking is written here once."""
 
+    model: nn.Module
+    transform: Any
+    device: torch.device
+
+    @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
-        raise NotImplementedError
+        """(N, D) embeddings of PIL images."""
+        x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images]).to(self.device)
+        return self.model.encode_image(x).float().cpu()
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
