@@ -1,4 +1,5 @@
-"""Ray Train glue: the only module that touches ``ray.train``.
+"""Ray Train glue: the only module that trains with ``ray.train`` (prepare, report, checkpoint;
+reading a stored checkpoint folder is :mod:`xray_match.train.checkpoint`).
 
 ``run_training(cfg)`` prepares the data on the driver, starts a TorchTrainer whose workers run
 the shared loop (:mod:`xray_match.train.loop`) with DDP through ``prepare_model``, reports every
