@@ -138,7 +138,7 @@ def run_in_process(which: str, a: argparse.Namespace) -> dict:
         p.join()
         if p.exitcode != 0:
             raise SystemExit(f"{which}: worker failed with exit code {p.exitcode}")
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
 
 
 def matmul_gflops(device: torch.device, n: int, threads: int) -> float:

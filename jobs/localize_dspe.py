@@ -24,7 +24,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from xray_match.recipes.dspe import localize_two_stage
+    from xray_match.studies.dspe_localize import localize_two_stage
 
     out = localize_two_stage(cfg, stage2_epochs=args.stage2_epochs, stage2_lr_mult=args.stage2_lr_mult,
                              test_eval=not args.no_test_eval)

@@ -24,7 +24,7 @@ def main(argv=None) -> dict:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    from xray_match.recipes.grounding import pretrain_backbone
+    from xray_match.studies.grounding_stage1 import pretrain_backbone
 
     return pretrain_backbone(cfg, args.out, log=lambda s: print(f"[xray_match] {s}", flush=True))
 

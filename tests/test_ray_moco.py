@@ -20,17 +20,18 @@ def _cfg(tiny_scenes, tmp_path, mlflow_uri, *extra):
 def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
-    from xray_match.train.worker import load_checkpoint_dir, run_training
+    from xray_match.train.checkpoint import load_checkpoint
+    from xray_match.train.worker import run_training
 
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "ray.name=resume-me", "train.epochs=1", "moco.sampler=queue",
                "moco.queue_size=64")
     first = run_training(cfg, register=False)
     assert first["metrics"]["epoch"] == 1.0 and first["metrics"]["val/images"] == 60.0
-    state = load_checkpoint_dir(first["checkpoint"])
+    state = load_checkpoint(first["checkpoint"])
     assert state["loop"]["step"] == 3 and int(state["loss"]["sampler.filled"]) == 64  # 3 global batches of 32
     # the same run name again with 2 epochs: resumes from the stored checkpoint, trains epoch 2 only
     second = run_training(cfg.with_overrides(["train.epochs=2"]), register=False)
-    state = load_checkpoint_dir(second["checkpoint"])
+    state = load_checkpoint(second["checkpoint"])
     assert second["metrics"]["epoch"] == 2.0 and state["loop"]["step"] == 6 and len(state["loop"]["history"]) == 2
     assert set(state) >= {"model", "optimizer", "scheduler", "loss", "rng", "loop", "config"}
     client = MlflowClient(mlflow_uri)
@@ -44,14 +45,15 @@ def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, 
 def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes, tmp_path, mlflow_uri, monkeypatch):
     """FailureConfig: worker 1 dies hard (os._exit) after training epoch 2, before reporting it; Ray
     Train restarts the worker group, which continues from the epoch-1 checkpoint, not from scratch."""
-    from xray_match.train.worker import FAULT_ENV, load_checkpoint_dir, run_training
+    from xray_match.train.checkpoint import load_checkpoint
+    from xray_match.train.worker import FAULT_ENV, run_training
 
     marker = tmp_path / "worker-exited"
     monkeypatch.setenv(FAULT_ENV, f"1:2:{marker}")
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=2", "ray.max_failures=1", "tracking.enabled=false")
     out = run_training(cfg, register=False)
     assert marker.exists()  # the worker did die
-    state = load_checkpoint_dir(out["checkpoint"])
+    state = load_checkpoint(out["checkpoint"])
     assert out["metrics"]["epoch"] == 2.0 and state["loop"]["resumes"] == 1
     assert state["loop"]["step"] == 6 and [h["epoch"] for h in state["loop"]["history"]] == [1.0, 2.0]
 
@@ -60,7 +62,7 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
     from mlflow import MlflowClient
 
     import xray_match
-    from xray_match.tracking.registry import ModelLookupError, load_checkpoint
+    from xray_match.tracking.registry import ModelLookupError, load_inference
     from xray_match.tune.tuner import run_tune
 
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=2", "tune.time_budget_s=86400",
@@ -75,7 +77,7 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
     assert len(children) == 2 and all(c.data.metrics.get("val/rsum") is not None for c in children)
 
     model = xray_match.load_model("models:/xray-match-moco@champion", tracking_uri=mlflow_uri)
-    direct = load_checkpoint(out["best_checkpoint"])
+    direct = load_inference(out["best_checkpoint"])
     texts = ["a red seven left of a blue two", "three digits"]
     assert torch.allclose(model.encode_texts(texts), direct.encode_texts(texts), atol=1e-6)
     from PIL import Image

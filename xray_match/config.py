@@ -287,6 +287,11 @@ class DSPEConfig:
     init_checkpoint: str = F("", help="checkpoint.pt whose model weights start training (stage 2)")
 
 
+#: the sections of one method each (a recipe declares the one it reads: ``Recipe.section``); every
+#: other section of :class:`Config` is common to all methods
+METHOD_SECTIONS = ("moco", "rdan", "grounding", "dspe")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -311,8 +316,9 @@ class Config:
         validate(cfg)
         return cfg
 
-    def flat(self) -> dict[str, Any]:
-        """``{"optim.lr": 2e-4, ...}`` (for MLflow params and Tune spaces)."""
+    def flat(self, method: str | None = None) -> dict[str, Any]:
+        """``{"optim.lr": 2e-4, ...}`` (for MLflow params and Tune spaces). With ``method`` (a
+        recipe's ``section``, or "" for none): the common sections and that method's only."""
         out: dict[str, Any] = {}
 
         def walk(obj: Any, prefix: str) -> None:
@@ -324,6 +330,9 @@ class Config:
                     out[f"{prefix}{f.name}"] = v
 
         walk(self, "")
+        if method is not None:
+            others = tuple(f"{m}." for m in METHOD_SECTIONS if m != method)
+            out = {k: v for k, v in out.items() if not k.startswith(others)}
         return out
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":

@@ -77,6 +77,17 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def argv_with_data(preset: str, argv: list[str], tune: bool, build_data: Callable[[Config], str]) -> tuple[list[str], Config]:
+    """``argv`` with ``--data`` set to the folder ``build_data(cfg)`` returns (a data set the config
+    describes, built on first use) unless the caller passed ``--data``; and the merged config."""
+    args = build_parser(preset, preset, tune).parse_args(argv)
+    cfg = config_from_args(args)
+    if args.data or args.print_config:
+        return list(argv), cfg
+    root = build_data(cfg)
+    return ["--data", root, *argv], cfg.with_overrides({"data.path": root})
+
+
 def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     args = build_parser(description, preset, tune).parse_args(argv)
     cfg = config_from_args(args)
@@ -94,23 +105,6 @@ def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) ->
     return args, cfg
 
 
-def evaluate_test(cfg: Config, checkpoint_dir: str, split: str | None = None) -> dict[str, float]:
-    """Evaluate a checkpoint on the test split in this process (world size 1)."""
-    import torch
-
-    from xray_match.train.loop import Trainer
-    from xray_match.train.recipe import DataInfo
-    from xray_match.train.worker import load_checkpoint_dir
-
-    state = load_checkpoint_dir(checkpoint_dir)
-    ckpt_cfg = Config.from_dict(state["config"])
-    trainer = Trainer(ckpt_cfg, DataInfo(**state["info"]), device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                      log=lambda s: None)
-    trainer.model.load_state_dict(state["model"])
-    metrics, _ = trainer.evaluate(split or cfg.data.test_split)
-    return metrics
-
-
 def _print_summary(title: str, items: dict[str, Any]) -> None:
     print(f"\n=== {title} ===")
     for k, v in items.items():
@@ -121,11 +115,12 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
 @expected_errors
 def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Train one {preset} run on Ray", preset, tune=False, argv=argv)
+    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
     from xray_match.train.worker import run_training
 
     out = run_training(cfg)
-    if not args.no_test_eval and out.get("checkpoint") and os.path.isdir(out["checkpoint"]):
-        out["test"] = evaluate_test(cfg, out["checkpoint"])
+    if not args.no_test_eval and out.get("checkpoint"):
+        out["test"] = evaluate_checkpoint(out["checkpoint"], [cfg.data.test_split], storage=run_storage(cfg))
     _print_summary("xray_match train", {
         "checkpoint": out.get("checkpoint"), "tracking_uri": _uri(cfg), "mlflow_run": out.get("run_id"),
         "registered_model": _model_ref(cfg, out.get("model_version")),
@@ -138,14 +133,18 @@ def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
 @expected_errors
 def tune_main(preset: str, space: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Tune {preset} with Ray Tune + Optuna", preset, tune=True, argv=argv)
-    from xray_match.tune.tuner import _checkpoint, run_tune
+    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
+    from xray_match.tune.tuner import run_tune
 
     out = run_tune(cfg, args.space or space)
     ckpt = out.get("best_checkpoint")
     if not args.no_test_eval and ckpt:
-        with _checkpoint(ckpt, cfg).as_directory() as d:
-            out["test"] = evaluate_test(cfg.with_overrides(out["best_config"]), d)
-        _log_test(cfg, out)
+        out["test"] = evaluate_checkpoint(ckpt, [cfg.data.test_split], storage=run_storage(cfg))
+        if cfg.tracking.enabled:
+            from xray_match.tracking.runs import log_metrics
+
+            for run in {out.get("best_run_id"), out.get("parent_run_id")} - {None}:
+                log_metrics(out["tracking_uri"], run, out["test"])
     _print_summary("xray_match tune", {
         "study": out["study"], "trials": out["trials"], "results": out["storage"], "tracking_uri": out["tracking_uri"],
         "parent_run": out.get("parent_run_id"), "best_run": out.get("best_run_id"),
@@ -159,22 +158,8 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
     return out
 
 
-def _log_test(cfg: Config, out: dict[str, Any]) -> None:
-    if not cfg.tracking.enabled or not out.get("best_run_id"):
-        return
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(out["tracking_uri"])
-    now = int(time.time() * 1000)
-    for run in {out["best_run_id"], out.get("parent_run_id")} - {None}:
-        client.log_batch(run, metrics=[Metric(k, float(v), now, 0) for k, v in out["test"].items()])
-
-
 def _uri(cfg: Config) -> str:
-    from xray_match.tracking.runs import resolve_tracking_uri
+    from xray_match.tracking.store import resolve_tracking_uri
 
     return resolve_tracking_uri(cfg)
 
@@ -182,5 +167,7 @@ def _uri(cfg: Config) -> str:
 def _model_ref(cfg: Config, version: Any, name: str | None = None) -> str | None:
     if version is None:
         return None
-    name = name or cfg.tracking.registered_model_name or f"xray-match-{cfg.model.name}"
+    from xray_match.tracking.store import registered_model_name
+
+    name = name or registered_model_name(cfg)
     return f"models:/{name}/{version} (alias: models:/{name}@champion)"

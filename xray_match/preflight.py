@@ -74,6 +74,6 @@ def preflight(cfg: Config) -> None:
     """Everything a job checks before Ray starts (the config itself was validated on load)."""
     check_data(cfg.data.path)
     if cfg.tracking.enabled:
-        from xray_match.tracking.runs import resolve_tracking_uri
+        from xray_match.tracking.store import resolve_tracking_uri
 
         check_tracking(resolve_tracking_uri(cfg))

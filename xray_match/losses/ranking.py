@@ -21,8 +21,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from xray_match.registry import LOSSES
-
 Reduction = Literal["sum", "mean"]
 
 
@@ -139,8 +137,3 @@ class HingeRankingLoss(nn.Module):
             "pos_score": pos.mean().detach(),
             "neg_score": neg_score.detach(),
         }
-
-
-@LOSSES.register("hinge_ranking")
-def build_hinge_ranking(margin: float = 0.2, hardest: bool = True, reduction: Reduction = "sum") -> HingeRankingLoss:
-    return HingeRankingLoss(margin=margin, hardest=hardest, reduction=reduction)

@@ -36,7 +36,6 @@ All figures are percentages except the mean activations.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -215,6 +214,8 @@ def save_attention_overlays(images: np.ndarray, rows: list[list[dict]], path: st
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from xray_match.metrics.plots import save_png
+
     n = len(rows)
     cols = 1 + max((len(r) for r in rows), default=0)
     fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n + 0.4), dpi=100, squeeze=False)
@@ -237,12 +238,7 @@ def save_attention_overlays(images: np.ndarray, rows: list[list[dict]], path: st
     if title:
         fig.suptitle(f"{title} (threshold {threshold:g}; red: predicted, green: ground truth)", fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 __all__ = ["IOU_THRESHOLDS", "scored_boxes_from_map", "boxes_from_map", "box_iou", "match_ious", "QueryRecord",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -26,9 +24,20 @@ def save_recall_curve(r_i2t: torch.Tensor, r_t2i: torch.Tensor, path: str, max_k
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    return save_png(fig, path)
+
+
+def save_png(fig, path: str) -> str:
+    """Render a matplotlib figure as PNG, close it, and write the file atomically (temp name, then
+    rename: a reader never sees half a PNG); returns ``path``."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from xray_match.data.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -40,7 +40,6 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from xray_match.models.backbones import RESNET_BLOCKS, GridBackbone
-from xray_match.registry import MODELS
 
 _EPS = 1e-8
 
@@ -286,7 +285,6 @@ class RDAN(nn.Module):
         return flops
 
 
-@MODELS.register("rdan")
 def build_rdan(
     vocab_size: int,
     *,

@@ -1,7 +1,15 @@
-"""Built-in recipes (one module per method). Importing this package registers every module in it."""
+"""Built-in recipes, one module per method: the glue between a model, its loss, its data and the
+shared loop. Nothing here runs more than one training run (multi-run drivers: ``xray_match.studies``).
 
-import importlib
-import pkgutil
+``BUILTIN`` maps each recipe name to the module that registers it. The registry imports a module
+only when its recipe is looked up, so loading a config imports no torch; ``tests/test_layout.py``
+checks this map against what the modules register.
+"""
 
-for _m in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_m.name}")
+BUILTIN: dict[str, str] = {
+    "moco": "xray_match.recipes.moco",
+    "rdan": "xray_match.recipes.rdan",
+    "dspe": "xray_match.recipes.dspe",
+    "dspe_phrase": "xray_match.recipes.dspe_phrase",
+    "grounding": "xray_match.recipes.grounding",
+}

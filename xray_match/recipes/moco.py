@@ -21,7 +21,7 @@ from xray_match.models.moco import IntermodalModel
 from xray_match.registry import RECIPES, SPACES
 from xray_match.samplers.negatives import build_sampler
 from xray_match.text.vocab import sentence_key
-from xray_match.train.recipe import EvalContext, Recipe, unwrap
+from xray_match.train.recipe import EvalContext, Recipe, RetrievalInference, unwrap
 
 
 def gaze(image: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
@@ -92,6 +92,7 @@ def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
 @RECIPES.register("moco")
 class MocoRecipe(Recipe):
     name = "moco"
+    section = "moco"
     metric = "val/rsum"
     mode = "max"
     # the paper's columns (Tables 2-5: accuracy, loss, average similarity on validation and on
@@ -170,7 +171,7 @@ class MocoRecipe(Recipe):
         return MocoInference(unwrap(model), self.cfg)
 
 
-class MocoInference:
+class MocoInference(RetrievalInference):
     """A loaded model with its preprocessing: embed images / texts and rank one by the other."""
 
     def __init__(self, model: IntermodalModel, cfg: Config):
@@ -180,22 +181,9 @@ class MocoInference:
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def encode_images(self, images: list) -> torch.Tensor:
-        x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images]).to(self.device)
-        return self.model.encode_image(x).float().cpu()
-
-    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tok = self.transform.tokenizer(texts, truncation=True, max_length=self.cfg.data.max_text_len, padding=True, return_tensors="pt")
         return self.model.encode_text(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)).float().cpu()
-
-    def rank_images(self, text: str, images: list) -> list[tuple[int, float]]:
-        s = (self.encode_images(images) @ self.encode_texts([text]).T).squeeze(1)
-        return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
-
-    def rank_texts(self, image, texts: list[str]) -> list[tuple[int, float]]:
-        s = (self.encode_texts(texts) @ self.encode_images([image]).T).squeeze(1)
-        return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
 
 
 @SPACES.register("moco")

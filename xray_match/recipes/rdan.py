@@ -27,7 +27,7 @@ from xray_match.metrics.xattn import score_all_pairs, score_all_pairs_distribute
 from xray_match.models.rdan import RDAN, build_rdan
 from xray_match.registry import RECIPES, SPACES
 from xray_match.text.vocab import Vocab, build_vocab, split_captions
-from xray_match.train.recipe import EvalContext, Recipe, unwrap
+from xray_match.train.recipe import EvalContext, Recipe, RetrievalInference, unwrap
 
 #: Table 3 rows by name -> the switches they set
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -163,6 +163,7 @@ class RDANLoss(nn.Module):
 @RECIPES.register("rdan")
 class RDANRecipe(Recipe):
     name = "rdan"
+    section = "rdan"
     metric = "val/rsum"
     mode = "max"
 
@@ -291,7 +292,7 @@ class RDANRecipe(Recipe):
         return RDANInference(unwrap(model), self.cfg, self.vocab)
 
 
-class RDANInference:
+class RDANInference(RetrievalInference):
     """A loaded RDAN with its preprocessing: score images against texts, rank one by the other."""
 
     def __init__(self, model: RDAN, cfg: Config, vocab: Vocab):
@@ -329,14 +330,6 @@ class RDANInference:
         _, lengths = self._tokens(texts)
         e = self.encode_texts(texts)
         return score_all_pairs(self.model.pair_scores, v, e, lengths, device=self.device).cpu()
-
-    def rank_images(self, text: str, images: list) -> list[tuple[int, float]]:
-        s = self.score(images, [text])[:, 0]
-        return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
-
-    def rank_texts(self, image, texts: list[str]) -> list[tuple[int, float]]:
-        s = self.score([image], texts)[0]
-        return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
 
 
 class _nullcontext:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xray_match.train.distributed import all_gather_nograd, all_gather_with_grad, rank
+from xray_match.distributed import all_gather_nograd, all_gather_with_grad, rank
 
 NEG_INF = float("-inf")
 

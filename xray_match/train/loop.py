@@ -23,8 +23,8 @@ from torch import nn
 
 from xray_match.config import Config
 from xray_match.data.reader import make_loader
+from xray_match.distributed import all_reduce_mean
 from xray_match.registry import RECIPES
-from xray_match.train.distributed import all_reduce_mean
 from xray_match.train.recipe import DataInfo, EvalContext, Recipe, move_to, unwrap
 
 
@@ -82,7 +82,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain data (numpy's key array as a list), so a checkpoint holds no
+    numpy object and opens with ``weights_only=True``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -90,7 +94,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -144,13 +149,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def loader(self, split: str, train: bool, epoch: int = 0) -> Iterable[dict[str, Any]]:
-        d = self.cfg.data
-        return make_loader(
-            self.info.root, split, self.recipe.transform(train), self.recipe.collate,
-            batch_size=d.batch_size if train else d.eval_batch_size, train=train, rank=self.rank,
-            world_size=self.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-            seed=self.cfg.train.seed, epoch=epoch, skip_corrupt=d.skip_corrupt,
-        )
+        return split_loader(self.recipe, split, train, rank=self.rank, world_size=self.world_size, epoch=epoch)
 
     # ------------------------------------------------------------------ loop body
     def train_epoch(self, batches: Iterable[dict[str, Any]] | None = None) -> dict[str, float]:
@@ -227,13 +226,35 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str | None = None, out_dir: str | None = None) -> tuple[dict[str, float], list[str]]:
-        split = split or self.cfg.data.val_split
-        self.model.eval()
-        ctx = EvalContext(self.rank, self.world_size, self.device, self.autocast, out_dir)
-        batches = (move_to(b, self.device) for b in self.loader(split, train=False))
-        metrics = self.recipe.evaluate(self.model, batches, ctx)
-        prefix = "val" if split == self.cfg.data.val_split else split
-        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}, ctx.artifacts
+        return evaluate_split(self.recipe, self.model, split or self.cfg.data.val_split, rank=self.rank,
+                              world_size=self.world_size, device=self.device, autocast=self.autocast, out_dir=out_dir)
+
+
+def split_loader(recipe: Recipe, split: str, train: bool, *, rank: int = 0, world_size: int = 1,
+                 epoch: int = 0) -> Iterable[dict[str, Any]]:
+    """Batches of ``split`` for this rank through the recipe's transform and collate."""
+    cfg, d = recipe.cfg, recipe.cfg.data
+    return make_loader(
+        recipe.info.root, split, recipe.transform(train), recipe.collate,
+        batch_size=d.batch_size if train else d.eval_batch_size, train=train, rank=rank,
+        world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+        seed=cfg.train.seed, epoch=epoch, skip_corrupt=d.skip_corrupt,
+    )
+
+
+@torch.no_grad()
+def evaluate_split(recipe: Recipe, model: nn.Module, split: str, *, rank: int = 0, world_size: int = 1,
+                   device: torch.device | None = None, autocast: Callable[[], Any] = contextlib.nullcontext,
+                   out_dir: str | None = None) -> tuple[dict[str, float], list[str]]:
+    """The recipe's metrics of ``model`` over the whole split, prefixed ``val/`` for the validation
+    split and ``<split>/`` otherwise, and the figures rank 0 wrote into ``out_dir``."""
+    device = device or torch.device("cpu")
+    model.eval()
+    ctx = EvalContext(rank, world_size, device, autocast, out_dir)
+    batches = (move_to(b, device) for b in split_loader(recipe, split, train=False, rank=rank, world_size=world_size))
+    metrics = recipe.evaluate(model, batches, ctx)
+    prefix = "val" if split == recipe.cfg.data.val_split else split
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}, ctx.artifacts
 
 
 def _batch_size(batch: Any) -> int:

@@ -4,7 +4,6 @@ manifest, and run the recipe's train-split-only ``prepare``."""
 from __future__ import annotations
 
 import functools
-import os
 
 from xray_match.config import Config, ConfigError, xray_home
 from xray_match.data.format import ShardFormatError, read_manifest
@@ -57,8 +56,3 @@ def prepare_info(cfg: Config, progress: bool = True) -> DataInfo:
     info.prepared = recipe.prepare(cfg, root)
     info.prepared.setdefault("train_shards", n_shards)
     return info
-
-
-def local_path(path: str) -> str:
-    """Absolute path for local storage (Ray needs absolute storage paths); URLs unchanged."""
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))

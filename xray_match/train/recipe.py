@@ -54,12 +54,12 @@ class EvalContext:
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor's first dimension across ranks in rank order (sizes may differ)."""
-        from xray_match.train.distributed import all_gather_varsize
+        from xray_match.distributed import all_gather_varsize
 
         return all_gather_varsize(t) if self.world_size > 1 else t
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
-        from xray_match.train.distributed import all_gather_objects
+        from xray_match.distributed import all_gather_objects
 
         return all_gather_objects(items) if self.world_size > 1 else list(items)
 
@@ -72,6 +72,9 @@ class Recipe:
     """Base class; override what differs. ``cfg`` is the whole validated :class:`Config`."""
 
     name: ClassVar[str] = ""
+    #: the method's own config section (``cfg.moco``, ...; one of ``config.METHOD_SECTIONS``): a
+    #: run logs the common sections and this one as MLflow params, not the other methods'
+    section: ClassVar[str] = ""
     #: the validation metric Tune optimizes and the registry tags by default
     metric: ClassVar[str] = "val/rsum"
     mode: ClassVar[str] = "max"
@@ -132,12 +135,46 @@ class Recipe:
 
     # ---- inference (registry lookups) -----------------------------------------------------
     def inference(self, model: nn.Module) -> Any:
-        """An object with the method's inference API (e.g. ``encode_images``/``encode_texts``)."""
+        """An object with the method's inference API (e.g. a :class:`RetrievalInference`)."""
         return model
 
-    @property
-    def registered_model_name(self) -> str:
-        return self.cfg.tracking.registered_model_name or f"xray-match-{self.name}"
+
+class RetrievalInference:
+    """A loaded image-text model with its preprocessing. Subclasses set ``model`` (in eval mode),
+    ``transform`` and ``device`` and give ``encode_texts``; ``encode_images`` here runs each PIL
+    image through ``transform.image`` and ``model.encode_image``; ``score`` is overridden where
+    similarity is not the dot product of one embedding per image and per text (cross-attention).
+    Ranking is written here once."""
+
+    model: nn.Module
+    transform: Any
+    device: torch.device
+
+    @torch.no_grad()
+    def encode_images(self, images: list) -> torch.Tensor:
+        """(N, D) embeddings of PIL images."""
+        x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images]).to(self.device)
+        return self.model.encode_image(x).float().cpu()
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, images: list, texts: list[str]) -> torch.Tensor:
+        """(N_images, N_texts) similarities."""
+        return self.encode_images(images) @ self.encode_texts(texts).T
+
+    def rank_images(self, text: str, images: list) -> list[tuple[int, float]]:
+        """``(index, score)`` of every image, best match of ``text`` first."""
+        return _ranked(self.score(images, [text])[:, 0])
+
+    def rank_texts(self, image, texts: list[str]) -> list[tuple[int, float]]:
+        """``(index, score)`` of every text, best match of ``image`` first."""
+        return _ranked(self.score([image], texts)[0])
+
+
+def _ranked(s: torch.Tensor) -> list[tuple[int, float]]:
+    return [(int(i), float(s[i])) for i in s.argsort(descending=True)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,4 +1,5 @@
-"""Ray Train glue: the only module that touches ``ray.train``.
+"""Ray Train glue: the only module that trains with ``ray.train`` (prepare, report, checkpoint;
+reading a stored checkpoint folder is :mod:`xray_match.train.checkpoint`).
 
 ``run_training(cfg)`` prepares the data on the driver, starts a TorchTrainer whose workers run
 the shared loop (:mod:`xray_match.train.loop`) with DDP through ``prepare_model``, reports every
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
-from xray_match.config import Config, xray_home
+from xray_match.config import Config
+from xray_match.registry import RECIPES
+from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, run_storage, save_checkpoint
 from xray_match.train.recipe import DataInfo, worker_env
 
 # Worker progress goes through logging, not print: Ray Train V2 patches print on its workers to tee
@@ -32,21 +35,10 @@ def _log(line: str) -> None:
     else:  # logging not set up for INFO here (Train's logging switched off): print instead
         print(f"[xray_match] {line}", flush=True)
 
-CKPT_FILE = "checkpoint.pt"
 #: fault injection for tests of FailureConfig: "RANK:EPOCH:MARKER" makes worker RANK exit hard once
 #: (when MARKER does not exist yet; it is then created) after training epoch EPOCH, before reporting it:
 #: the run's latest checkpoint is then that of epoch EPOCH - 1
 FAULT_ENV = "XRAY_MATCH_INJECT_WORKER_EXIT"
-
-
-def storage_path(cfg: Config) -> str:
-    from xray_match.train.prepare import local_path
-
-    return local_path(cfg.ray.storage_path or str(xray_home() / "runs"))
-
-
-def load_checkpoint_dir(path: str) -> dict[str, Any]:
-    return torch.load(os.path.join(path, CKPT_FILE), map_location="cpu", weights_only=False)
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -67,10 +59,10 @@ def train_func(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            start = load_checkpoint_dir(d)
+            start = load_checkpoint(d)
     logger = RankZeroLogger(config.get("mlflow"), rank)
     if start is None:
-        logger.start(cfg)
+        logger.start(cfg, RECIPES.get(cfg.model.name).section)
 
     def report(metrics: dict[str, float], trainer, artifacts: list[str]) -> None:
         _maybe_exit(config.get("fault"), rank, int(metrics["epoch"]))
@@ -78,8 +70,7 @@ def train_func(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="xray-ckpt-") as d:
             checkpoint = None
             if rank == 0:
-                state = trainer.state_dict()
-                torch.save(state, os.path.join(d, CKPT_FILE))
+                save_checkpoint(trainer.state_dict(), os.path.join(d, CKPT_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -121,7 +112,7 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
             name=cfg.ray.name or None,
-            storage_path=storage_path(cfg),
+            storage_path=run_storage(cfg).root,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=None),
             callbacks=callbacks or [],
@@ -132,20 +123,17 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
 def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None) -> dict[str, Any]:
     """One training run on the current Ray cluster (started locally if none): returns the final
     metrics, the checkpoint path, and the MLflow run id / registered model version."""
-    import ray
-
     from xray_match.tracking.runs import TrackingSession
     from xray_match.train.prepare import prepare_info
 
     if info is None:
         info = prepare_info(cfg)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env=_runtime_env())
+    ensure_ray()
     session = TrackingSession(cfg)
     run_id = session.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
     result = build_trainer(cfg, info, mlflow=session.worker_spec(run_id)).fit()
     out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                           "run_id": run_id, "storage": storage_path(cfg)}
+                           "run_id": run_id, "storage": run_storage(cfg).root}
     do_register = cfg.tracking.register if register is None else register
     if do_register and result.checkpoint is not None and cfg.tracking.enabled:
         out["model_version"] = session.register(result.checkpoint, run_id, out["metrics"], info)
@@ -153,5 +141,10 @@ def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | 
     return out
 
 
-def _runtime_env() -> dict[str, Any]:
-    return {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}}
+def ensure_ray() -> None:
+    """Join the cluster at ``$RAY_ADDRESS``, or start a local one, unless Ray is up already."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})

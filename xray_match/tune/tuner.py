@@ -8,7 +8,6 @@ by the trial's rank-0 worker); the best trial's checkpoint is registered with al
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -20,11 +19,11 @@ TRIAL_CPU = 0.1  # the trial's own actor only waits on its TorchTrainer
 _SEP = "__"  # dotted config keys are flattened for Tune/Optuna parameter names
 
 
-def _encode(space: dict[str, Any]) -> dict[str, Any]:
+def encode_keys(space: dict[str, Any]) -> dict[str, Any]:
     return {k.replace(".", _SEP): v for k, v in space.items()}
 
 
-def _decode(config: dict[str, Any]) -> dict[str, Any]:
+def decode_keys(config: dict[str, Any]) -> dict[str, Any]:
     return {k.replace(_SEP, "."): v for k, v in config.items()}
 
 
@@ -87,29 +86,22 @@ def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], t
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from xray_match.tracking.runs import end_run, start_trial_run
     from xray_match.train.worker import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
-    values = _decode(config)
+    values = decode_keys(config)
     cfg = Config.from_dict(base).with_overrides(values | {"ray.name": f"{study}-{trial_id}"})
     mlflow_spec = None
     if tracking:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking["tracking_uri"])
-        run = client.create_run(
-            tracking["experiment_id"], run_name=f"trial-{trial_id}",
-            tags={"mlflow.parentRunId": tracking["parent_run_id"], "ray_trial_id": trial_id, "study": study,
-                  "model": cfg.model.name},
-        )
-        mlflow_spec = {"tracking_uri": tracking["tracking_uri"], "run_id": run.info.run_id}
+        mlflow_spec = start_trial_run(tracking, f"trial-{trial_id}",
+                                      {"ray_trial_id": trial_id, "study": study, "model": cfg.model.name})
     status = "FAILED"
     try:
         build_trainer(cfg, DataInfo(**info), mlflow=mlflow_spec, callbacks=[TuneReportCallback()]).fit()
         status = "FINISHED"
     finally:
-        if mlflow_spec:
-            client.set_terminated(mlflow_spec["run_id"], status)
+        end_run(mlflow_spec, status)
 
 
 def fit_local_resources(cfg: Config, concurrent: int) -> Config:
@@ -130,15 +122,16 @@ def fit_local_resources(cfg: Config, concurrent: int) -> Config:
 
 def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = None) -> dict[str, Any]:
     """Run a study; returns the best trial's metrics and config, and the registered version."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from xray_match.tracking.runs import TrackingSession
+    from xray_match.tracking.runs import TrackingSession, log_texts
+    from xray_match.tracking.store import registered_model_name
+    from xray_match.train.checkpoint import run_storage
     from xray_match.train.prepare import prepare_info
-    from xray_match.train.worker import storage_path
+    from xray_match.train.worker import ensure_ray
 
     recipe = RECIPES.get(cfg.model.name)
     space_name = space or cfg.tune.space or cfg.model.name
@@ -147,23 +140,17 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     if cfg.tune.trial_epochs:
         cfg = cfg.with_overrides({"train.epochs": cfg.tune.trial_epochs})
     info = info or prepare_info(cfg)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray()
     cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
     metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
     mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
     study = cfg.ray.name or f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     session = TrackingSession(cfg)
+    storage = run_storage(cfg)
     parent = session.start_run(study, tags={"study": study, "space": space_name})
-    tracking = None
-    if session.enabled:
-        tracking = {"tracking_uri": session.uri, "experiment_id": session.experiment_id, "parent_run_id": parent}
-        from mlflow.entities import Param
-
-        session.client.log_batch(parent, params=[Param("space", space_name), Param("model", cfg.model.name)]
-                                 + [Param(f"space.{k}", str(v)[:500]) for k, v in search_space.items()])
+    session.log_params(parent, {"space": space_name, "model": cfg.model.name}
+                       | {f"space.{k}": str(v)[:500] for k, v in search_space.items()})
 
     grid = is_grid(search_space)
     if grid:
@@ -171,17 +158,18 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     else:
         first = default_point(cfg, search_space)
         search_alg = ConcurrencyLimiter(
-            OptunaSearch(seed=cfg.tune.seed, points_to_evaluate=[_encode(first)] if first else None),
+            OptunaSearch(seed=cfg.tune.seed, points_to_evaluate=[encode_keys(first)] if first else None),
             max_concurrent=cfg.tune.max_concurrent)
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                                   grace_period=min(cfg.tune.grace_period, cfg.train.epochs))
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), info=vars(info), tracking=tracking, study=study),
+        tune.with_parameters(_trial, base=cfg.to_dict(), info=vars(info), tracking=session.study_spec(parent),
+                             study=study),
         {"CPU": TRIAL_CPU},
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=_encode(search_space),
+        param_space=encode_keys(search_space),
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=1 if grid else cfg.tune.num_samples,
@@ -189,11 +177,11 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
             trial_name_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
             trial_dirname_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
         ),
-        run_config=tune.RunConfig(name=study, storage_path=storage_path(cfg), verbose=1),
+        run_config=tune.RunConfig(name=study, storage_path=storage.root, verbose=1),
     )
     results = tuner.fit()
     out: dict[str, Any] = {"study": study, "parent_run_id": parent, "trials": len(results),
-                           "storage": os.path.join(storage_path(cfg), study), "tracking_uri": session.uri}
+                           "storage": storage.join(study), "tracking_uri": session.uri}
     try:
         best = results.get_best_result(metric=metric, mode=mode)
     except RuntimeError as e:
@@ -201,41 +189,22 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
         raise RuntimeError(f"no trial reported {metric!r}: {e}") from None
     if grid:
         keys = [k for k, v in search_space.items() if isinstance(v, dict) and "grid_search" in v]
-        rows = [(_decode(r.config), r.metrics or {}) for r in results]
+        rows = [(decode_keys(r.config), r.metrics or {}) for r in results]
         out["table"] = grid_table(rows, keys, recipe.table_columns)
         if session.enabled:
-            session.client.log_text(parent, out["table"], "tables/grid.md")
-    best_values = _decode(best.config)
+            log_texts(session.uri, parent, {"grid.md": out["table"]}, artifact_path="tables")
+    best_values = decode_keys(best.config)
     out |= {"best_config": best_values, "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}}
     ckpt_path = out["best_checkpoint"] = best.metrics.get("checkpoint_path")
     if session.enabled:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        session.client.log_batch(parent, metrics=[Metric(f"best/{k}", float(v), now, 0)
-                                                  for k, v in out["best_metrics"].items() if k.startswith("val/")])
-        child = session.client.search_runs([session.experiment_id],
-                                           f"tags.ray_trial_id = '{best.metrics.get('trial_id', '')}' "
-                                           f"and tags.mlflow.parentRunId = '{parent}'")
-        out["best_run_id"] = child[0].info.run_id if child else parent
+        session.log_metrics(parent, {f"best/{k}": v for k, v in out["best_metrics"].items() if k.startswith("val/")})
+        out["best_run_id"] = session.find_child_run(parent, {"ray_trial_id": str(best.metrics.get("trial_id", ""))}) \
+            or parent
         if cfg.tracking.register and ckpt_path:
             best_cfg = cfg.with_overrides(best_values)
-            session.cfg = best_cfg
-            out["model_name"] = best_cfg.tracking.registered_model_name or f"xray-match-{cfg.model.name}"
+            out["model_name"] = registered_model_name(best_cfg)
             out["model_version"] = session.register(
-                _checkpoint(ckpt_path, cfg), out["best_run_id"], best.metrics, info,
+                storage.checkpoint(ckpt_path), out["best_run_id"], best.metrics, info, cfg=best_cfg,
                 extra_tags={"trial_id": str(best.metrics.get("trial_id", "")), "study": study})
         session.end_run(parent)
     return out
-
-
-def _checkpoint(path: str, cfg: Config):
-    from ray.train import Checkpoint
-
-    store = cfg.ray.storage_path
-    if store and "://" in store and "://" not in path:
-        import pyarrow.fs
-
-        fs, _ = pyarrow.fs.FileSystem.from_uri(store)
-        return Checkpoint(path=path, filesystem=fs)
-    return Checkpoint(path=path)

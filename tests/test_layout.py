@@ -1,0 +1,166 @@
+"""Where things live (docs/layout.md), checked on the source: the import rules between the package's
+folders, the one home of checkpoints and of MLflow clients, recipe sizes, and that loading a config
+stays light. Static checks read every module's imports (also those inside functions) with ``ast``."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "xray_match"
+LIBRARY = ("recipes", "models", "losses", "samplers", "metrics", "data", "text", "studies", "train", "tune",
+           "tracking")
+MAX_RECIPE_LINES = 450
+
+
+def modules() -> dict[str, Path]:
+    """``xray_match.x.y`` -> file, for every module of the package."""
+    out = {}
+    for path in sorted(PKG.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (``from a import b`` counts a and a.b)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def calls(path: Path, owner: str, attr: str) -> list[int]:
+    """Lines of ``owner.attr(...)`` calls in ``path``."""
+    return [n.lineno for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == attr
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == owner]
+
+
+def names(path: Path, name: str) -> list[int]:
+    tree = ast.parse(path.read_text())
+    used = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name]
+    imported = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and any(a.name == name for a in n.names)]
+    return used + imported
+
+
+def in_folder(module: str, *folders: str) -> bool:
+    return any(module == f"xray_match.{f}" or module.startswith(f"xray_match.{f}.") for f in folders)
+
+
+def test_library_never_imports_launch_or_jobs():
+    """launch.py (job entry points) and cli.py sit on top; no library folder imports them."""
+    bad = [f"{m} imports {i}" for m, p in modules().items() if in_folder(m, *LIBRARY)
+           for i in imports(p) if i in ("xray_match.launch", "xray_match.cli") or i.split(".")[0] == "jobs"]
+    assert not bad, bad
+
+
+def test_recipes_and_building_blocks_stay_below_studies_and_drivers():
+    """Recipes, models, losses, samplers, metrics and data never import a study, the tuner or the
+    Ray worker; building blocks (models ... data) never import the training package either."""
+    bad = []
+    for m, p in modules().items():
+        deps = imports(p)
+        if in_folder(m, "recipes", "models", "losses", "samplers", "metrics", "data"):
+            bad += [f"{m} imports {i}" for i in deps
+                    if in_folder(i, "studies", "tune") or i.startswith("xray_match.train.worker")]
+        if in_folder(m, "models", "losses", "samplers", "metrics", "data"):
+            bad += [f"{m} imports {i}" for i in deps if in_folder(i, "train", "recipes", "tracking")]
+    assert not bad, bad
+
+
+def test_only_the_checkpoint_module_opens_checkpoints():
+    hits = [f"{p.relative_to(ROOT)}:{line}" for p in modules().values() for line in calls(p, "torch", "load")]
+    assert hits == [f"xray_match/train/checkpoint.py:{calls(PKG / 'train' / 'checkpoint.py', 'torch', 'load')[0]}"]
+    assert "weights_only=True" in (PKG / "train" / "checkpoint.py").read_text()
+    defined = [str(p.relative_to(ROOT)) for p in modules().values() if "CKPT_FILE =" in p.read_text()]
+    assert defined == ["xray_match/train/checkpoint.py"]
+
+
+def test_storage_path_is_read_in_one_place():
+    readers = [str(p.relative_to(ROOT)) for p in modules().values() if "ray.storage_path" in p.read_text()
+               and p.name not in ("config.py", "launch.py")]  # the field and its command-line flag
+    assert readers == ["xray_match/train/checkpoint.py"]
+
+
+def test_mlflow_clients_and_writes_only_in_tracking():
+    bad = [f"{p.relative_to(ROOT)}:{line}" for m, p in modules().items() if not in_folder(m, "tracking")
+           for line in names(p, "MlflowClient")]
+    bad += [f"{m} imports {i}" for m, p in modules().items() if not in_folder(m, "tracking")
+            for i in imports(p) if i.split(".")[0] == "mlflow"]
+    assert not bad, bad
+
+
+def test_registered_model_name_in_one_function():
+    hits = [str(p.relative_to(ROOT)) for p in modules().values() if 'f"xray-match-{' in p.read_text()]
+    assert hits == ["xray_match/tracking/store.py"]
+
+
+def test_no_import_cycles():
+    """The package's modules import each other without a cycle, counting imports inside functions
+    too (tracking.runs and tracking.registry used to import each other)."""
+    mods = modules()
+    graph = {m: sorted(i for i in imports(p) if i in mods and i != m) for m, p in mods.items()}
+    done: set[str] = set()
+
+    def visit(m: str, path: list[str]) -> None:
+        for d in graph[m]:
+            if d in path:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in done:
+                visit(d, path + [d])
+        done.add(m)
+
+    for m in graph:
+        visit(m, [m])
+
+
+def test_recipes_are_small():
+    big = {p.name: n for p in (PKG / "recipes").glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_RECIPE_LINES}
+    assert not big, f"recipes over {MAX_RECIPE_LINES} lines: {big} (drivers go to xray_match/studies/)"
+
+
+def test_builtin_recipe_names_match_what_their_modules_register():
+    from xray_match.config import METHOD_SECTIONS
+    from xray_match.recipes import BUILTIN
+    from xray_match.registry import RECIPES
+
+    for module in set(BUILTIN.values()):
+        importlib.import_module(module)
+    registered = {name: type(r).__module__ if not isinstance(r, type) else r.__module__
+                  for name, r in RECIPES._entries.items()}
+    assert registered == BUILTIN
+    for name in BUILTIN:
+        assert RECIPES.get(name).section in METHOD_SECTIONS, name
+
+
+def test_load_config_imports_no_torch():
+    """Loading a preset checks the model name against the built-in names without importing a recipe."""
+    code = ("import sys, time; t = time.perf_counter(); from xray_match.config import load_config; "
+            "cfg = load_config('dspe_cpu', ['model.name=rdan']); dt = time.perf_counter() - t; "
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow', 'xray_match.recipes.rdan') if m in sys.modules); "
+            "print(heavy, round(dt, 3))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    heavy, seconds = out.stdout.rsplit(" ", 1)
+    assert heavy == "[]", f"load_config imported {heavy}"
+    assert float(seconds) < 5.0  # ~0.1 s on an idle core; generous for a busy 2-core machine
+
+
+def test_a_run_logs_only_its_own_methods_params():
+    from xray_match.config import METHOD_SECTIONS, load_config
+
+    flat = load_config("moco_cpu").flat(method="moco")
+    sections = {k.split(".")[0] for k in flat}
+    assert "moco" in sections and not sections & (set(METHOD_SECTIONS) - {"moco"})
+    assert {"optim", "data", "train", "ray", "tracking", "tune", "model"} <= sections
