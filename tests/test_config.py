@@ -3,11 +3,6 @@ import yaml
 
 from xray_match.config import PRESET_DIR, Config, ConfigError, load_config, preset_names, resolve_queue_size
 
-#: presets being re-tuned on main (issue 14) while this test arrived: tolerated (xfail, not strict)
-#: until that work lands and strips the keys that repeat a default
-RETUNING = {"moco_cpu", "moco_gpu"}
-
-
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_loads(preset):
     cfg = load_config(preset)
@@ -18,8 +13,7 @@ def _leaves(d: dict, prefix: str = "") -> list[str]:
     return [k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
 
 
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.xfail(reason="being re-tuned (issue 14)", strict=False))
-                                    if p in RETUNING else p for p in preset_names()])
+@pytest.mark.parametrize("preset", preset_names())
 def test_preset_keys_differ_from_their_defaults(preset):
     """A preset holds only what differs from the dataclass defaults (one place for each fact)."""
     with open(PRESET_DIR / f"{preset}.yaml") as fh:
