@@ -23,8 +23,8 @@ class ModelLookupError(LookupError):
 
 
 class XrayMatchModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: ``predict(DataFrame{"text": [...]})`` returns text embeddings for
-    embedding models; richer use goes through :func:`load_model`."""
+    """The pyfunc of versions registered before :mod:`xray_match.tracking.pyfunc` (kept so that they
+    still load): ``predict(DataFrame{"text": [...]})`` returns text embeddings."""
 
     def load_context(self, context):
         self.inference = load_checkpoint(context.artifacts["checkpoint"])
@@ -38,15 +38,11 @@ def log_and_register(client, uri: str, run_id: str, ckpt_dir: str, name: str, ta
                      alias: str = "champion") -> int:
     import mlflow
 
+    from xray_match.tracking.pyfunc import log_pyfunc
+
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=XrayMatchModel(),
-            artifacts={"checkpoint": ckpt_dir},
-            pip_requirements=["xray-match"],  # no inference: it would import and run the model
-            registered_model_name=name,
-        )
+        info = log_pyfunc(ckpt_dir, registered_model_name=name)
     version = info.registered_model_version
     if version is None:  # older MLflow: look the version up by run
         versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
