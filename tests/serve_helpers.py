@@ -42,3 +42,71 @@ def register(mlflow_uri: str, checkpoint_dir: str, name: str, data: str) -> int:
     version = session.register(checkpoint_dir, run_id, {}, DataInfo(root=data, dataset="digit-scenes", counts={}), name=name)
     session.end_run(run_id)
     return version
+
+
+def index_cli(model: str, data: str, out: str, tracking_uri: str, *flags: str) -> str:
+    """``xray-match index`` on the test split, in this process (joins the running Ray cluster)."""
+    from xray_match.cli import main
+
+    rc = main(["index", "--model", model, "--data", data, "--out", out, "--tracking-uri", tracking_uri,
+               "--splits", "test", "--batch-size", "16", "--num-cpus", "0.5", "--no-progress", *flags])
+    assert rc == 0
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, content_type: str = "application/json",
+         timeout: float = 60.0) -> tuple[int, bytes, str]:
+    """One real HTTP request -> (status, body, content type); error statuses are returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type", "")
+
+
+def post_json(url: str, obj, timeout: float = 60.0):
+    import json
+
+    status, body, _ = http("POST", url, json.dumps(obj).encode(), timeout=timeout)
+    return status, json.loads(body) if body else None
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value; fail (never hang) after ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as e:  # e.g. connection refused while a server starts
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def shard_images(data: str, split: str) -> dict[str, bytes]:
+    """``key -> image bytes`` read straight from the shards (the reference for served images)."""
+    from xray_match.data.format import image_key
+    from xray_match.data.reader import iter_raw, shard_urls
+
+    out = {}
+    for url in shard_urls(data, split):
+        for raw in iter_raw(url):
+            out[raw["__key__"]] = raw[image_key(raw)]
+    return out
