@@ -158,3 +158,22 @@ def test_index_cli_errors_are_one_line(served_model, tmp_path, capsys):
     assert main(["index", "--model", "models:/serve-moco/1", "--data", served_model["data"], "--nprobe", "0", *common]) == 2
     assert "index.nprobe: 0 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_index_on_an_object_store_is_uploaded_whole_and_fetched(tmp_path):
+    """Any fsspec URL (memory:// here, s3:// in the cluster): index.json is uploaded last, readers
+    load a local copy."""
+    import fsspec
+
+    from xray_match.serve.config import IndexConfig
+    from xray_match.serve.index import META, SearchIndex, fetch, write_index
+
+    x, local = _random_index(tmp_path, "flat", n=30)
+    url = "memory://indexes/flat-30"
+    write_index(url, x, local.images, x[:2], {"text": ["t0", "t1"], "image": [0, 1]}, {"model": {}}, IndexConfig())
+    fs = fsspec.filesystem("memory")
+    assert fs.exists(f"/indexes/flat-30/{META}")
+    idx = SearchIndex.load(url)
+    assert idx.path == url and idx.meta["images"] == 30
+    assert fetch(url, cache=str(tmp_path / "cache")) == fetch(url, cache=str(tmp_path / "cache"))  # cached
+    np.testing.assert_array_equal(idx.search_images(x[:3], 1)[1][:, 0], [0, 1, 2])

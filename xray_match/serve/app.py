@@ -231,10 +231,16 @@ def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[
     index = index or index_of(ref)
     if not index:
         raise LookupError(f"{ref.pinned}: no --index given and none tagged on the version (run `xray-match index`)")
-    if not os.path.isfile(os.path.join(index, META)):
+    import fsspec
+
+    from xray_match.data.format import join
+
+    try:
+        with fsspec.open(join(index, META), "r") as fh:
+            built_for = json.load(fh).get("model", {})
+    except FileNotFoundError:
         SearchIndex.load(index)  # raises the reader's error naming the folder
-    with open(os.path.join(index, META)) as fh:
-        built_for = json.load(fh).get("model", {})
+        raise
     if ref.registered and built_for.get("name") == ref.name and str(built_for.get("version")) != ref.version:
         raise IndexFormatError(f"{index}: built for {ref.name} version {built_for.get('version')}, not version {ref.version}")
     return ref, index

@@ -187,8 +187,13 @@ def write_index(out: str, image_vectors: np.ndarray, images: dict[str, list], ca
     import faiss
 
     cfg = cfg or IndexConfig()
-    if "://" in out:
-        raise IndexFormatError(f"{out}: the index is written to a local folder (faiss writes files); copy it after")
+    if "://" in out:  # object store: write locally, then upload with index.json last
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="xray-index-") as d:
+            local = write_index(os.path.join(d, "index"), image_vectors, images, caption_vectors, captions, meta, cfg)
+            _upload(local, out)
+        return out
     out = os.path.abspath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(os.path.join(out, META)))):
         raise IndexFormatError(f"{out}: exists and is not an index folder (no {META}); refusing to replace it")
@@ -225,6 +230,53 @@ def write_index(out: str, image_vectors: np.ndarray, images: dict[str, list], ca
     return out
 
 
+INDEX_FILES = ("images.faiss", "images.json", "captions.faiss", "captions.json")
+
+
+def _upload(local: str, url: str) -> None:
+    """Copy an index folder to an object store; ``index.json`` goes last, so a reader that finds it
+    finds the whole index (each object appears whole on its PUT)."""
+    import fsspec
+
+    from xray_match.data.format import join
+
+    for name in (*INDEX_FILES, META):
+        with open(os.path.join(local, name), "rb") as src, fsspec.open(join(url, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def fetch(url: str, cache: str | None = None) -> str:
+    """An index on an object store (``s3://...``) -> a local copy (cached by URL and creation time)."""
+    import hashlib
+
+    import fsspec
+
+    from xray_match.config import xray_home
+    from xray_match.data.format import join
+
+    try:
+        with fsspec.open(join(url, META), "rb") as fh:
+            meta = fh.read()
+    except FileNotFoundError:
+        raise IndexFormatError(f"{url}: no {META} (not an index, or its upload has not finished)") from None
+    digest = hashlib.sha256(url.encode() + meta).hexdigest()[:16]
+    local = os.path.join(cache or str(xray_home() / "index-cache"), digest)
+    if os.path.isfile(os.path.join(local, META)):
+        return local
+    tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    for name in INDEX_FILES:
+        with fsspec.open(join(url, name), "rb") as src, open(os.path.join(tmp, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    with open(os.path.join(tmp, META), "wb") as fh:
+        fh.write(meta)
+    try:
+        os.rename(tmp, local)
+    except OSError:  # another replica fetched it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
 @dataclass
 class SearchIndex:
     """A loaded index folder: nearest images for query vectors, nearest captions, image bytes."""
@@ -240,6 +292,9 @@ class SearchIndex:
     def load(cls, path: str) -> "SearchIndex":
         import faiss
 
+        source = path
+        if "://" in path:
+            path = fetch(path)
         meta_path = os.path.join(path, META)
         if not os.path.isfile(meta_path):
             raise IndexFormatError(f"{path}: no {META} (not an index folder; build one with `xray-match index`)")
@@ -260,7 +315,7 @@ class SearchIndex:
             if index.d != meta["dim"]:
                 raise IndexFormatError(f"{path}/{what}.faiss: dimension {index.d}, {META} says {meta['dim']}")
             _search_params(index, meta)
-        return cls(os.path.abspath(path), meta, img, cap, images, captions)
+        return cls(source if "://" in source else os.path.abspath(path), meta, img, cap, images, captions)
 
     @property
     def dim(self) -> int:
@@ -379,7 +434,11 @@ def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None,
     log(f"index written to {path}: {len(order)} images, {len(captions['text'])} captions, "
         f"dim {img['emb'].shape[1]}, {cfg.kind}" + (f"; tagged {INDEX_TAG} on {ref.name} version {ref.version}"
                                                     if ref.registered else ""))
-    with open(os.path.join(path, META)) as fh:
+    import fsspec
+
+    from xray_match.data.format import join
+
+    with fsspec.open(join(path, META), "r") as fh:
         return json.load(fh) | {"path": path}
 
 

@@ -136,7 +136,8 @@ def _vectors(x: Any, what: str) -> np.ndarray:
 def tag_index(ref: ModelRef, index_dir: str) -> None:
     """Record on the model version where its index is (registered models only)."""
     if ref.registered:
-        _client(ref.tracking_uri).set_model_version_tag(ref.name, ref.version, INDEX_TAG, os.path.abspath(index_dir))
+        where = index_dir if "://" in index_dir else os.path.abspath(index_dir)
+        _client(ref.tracking_uri).set_model_version_tag(ref.name, ref.version, INDEX_TAG, where)
 
 
 def index_of(ref: ModelRef, version: str | None = None) -> str | None:
