@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     from xray_match.metrics.xattn import score_all_pairs
     from xray_match.train.loop import Trainer
     from xray_match.train.recipe import DataInfo, EvalContext, unwrap
+    from xray_match.train.worker import load_checkpoint_dir
 
     ckpt = a.checkpoint or train(a.train_epochs, a.overrides, os.path.join("runs", "two_stage_rdan"))
-    state = torch.load(os.path.join(ckpt, "checkpoint.pt") if os.path.isdir(ckpt) else ckpt, map_location="cpu",
-                       weights_only=False)  # our own checkpoint format (config and vocabulary ride along)
+    state = load_checkpoint_dir(ckpt)  # the project's checkpoint loader (config and vocabulary ride along)
     cfg = Config.from_dict(state["config"]).with_overrides(["data.num_workers=0"])
     trainer = Trainer(cfg, DataInfo(**state["info"]), log=lambda s: None)
     trainer.model.load_state_dict(state["model"])

@@ -104,12 +104,12 @@ class ShardEmbedder:
     """``map_batches`` actor: loads the model once, then embeds a batch of samples' images and
     captions. Out: one row per image (``kind`` "image") and one per caption (``kind`` "caption")."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None):
+    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int = 1):
         import torch
 
         from xray_match.serve.model import load_embedder, resolve
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(threads)  # the actor's CPU share, not every core of the node
         self.model = load_embedder(resolve(model_uri, tracking_uri))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -364,8 +364,7 @@ def _init_ray() -> bool:
     if ray.is_initialized():
         return False
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
-             runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false",
-                                       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+             runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
     return True
 
 
@@ -398,7 +397,8 @@ def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None,
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).flat_map(read_shard)
-        ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"model_uri": ref.pinned, "tracking_uri": ref.tracking_uri},
+        ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"model_uri": ref.pinned, "tracking_uri": ref.tracking_uri,
+                                                   "threads": max(1, math.ceil(cfg.num_cpus))},
                             batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
