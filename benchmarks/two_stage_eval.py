@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     from xray_match.train.recipe import DataInfo, EvalContext, unwrap
     from xray_match.train.worker import load_checkpoint_dir
 
-    ckpt = a.checkpoint or train(a.train_epochs, a.overrides, os.path.join("runs", "two_stage_rdan"))
+    from xray_match.config import xray_home
+
+    ckpt = a.checkpoint or train(a.train_epochs, a.overrides, str(xray_home() / "runs" / "two_stage_rdan"))
+    print(f"checkpoint: {ckpt}")
     state = load_checkpoint_dir(ckpt)  # the project's checkpoint loader (config and vocabulary ride along)
     cfg = Config.from_dict(state["config"]).with_overrides(["data.num_workers=0"])
     trainer = Trainer(cfg, DataInfo(**state["info"]), log=lambda s: None)
