@@ -177,3 +177,26 @@ def test_an_index_on_an_object_store_is_uploaded_whole_and_fetched(tmp_path):
     assert idx.path == url and idx.meta["images"] == 30
     assert fetch(url, cache=str(tmp_path / "cache")) == fetch(url, cache=str(tmp_path / "cache"))  # cached
     np.testing.assert_array_equal(idx.search_images(x[:3], 1)[1][:, 0], [0, 1, 2])
+
+
+@pytest.mark.ray
+def test_serve_cli_refuses_what_a_replica_would_refuse(served_model, tmp_path, capsys):
+    """`xray-match serve` checks model, index and version before deploying (Serve would retry a
+    failing replica for minutes)."""
+    from xray_match.cli import main
+
+    uri = ["--tracking-uri", served_model["tracking_uri"]]
+    assert main(["serve", "--model", "models:/serve-moco@nope", *uri]) == 2
+    assert "has no alias 'nope'" in capsys.readouterr().err
+    assert main(["serve", "--model", "models:/serve-moco/1", "--index", str(tmp_path), *uri]) == 2
+    assert "no index.json" in capsys.readouterr().err
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(served_model["index"], other)
+    meta = json.loads((other / "index.json").read_text())
+    (other / "index.json").write_text(json.dumps(meta | {"model": meta["model"] | {"version": "7"}}))
+    assert main(["serve", "--model", "models:/serve-moco/1", "--index", str(other), *uri]) == 2
+    assert "built for serve-moco version 7, not version 1" in capsys.readouterr().err
+    assert main(["serve", "--model", "models:/serve-moco/1", "--port", "0", *uri]) == 2
+    assert "serve.port: 0 is out of range" in capsys.readouterr().err
