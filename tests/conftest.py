@@ -28,12 +28,19 @@ def ray_cluster(tmp_path_factory):
     trial's driver beside two training workers)."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=4,
-        log_to_driver=True,
-        runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}},
-    )
+    for attempt in range(3):  # on a loaded machine the raylet can give up waiting for its dashboard
+        try:  # agent (a fixed 15 s, ray-project/ray#65983) and the node never comes up: start afresh
+            ray.init(
+                address="local",
+                num_cpus=4,
+                log_to_driver=True,
+                runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}},
+            )
+            break
+        except Exception as e:  # "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
     yield ray
     ray.shutdown()
 
