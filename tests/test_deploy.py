@@ -49,7 +49,8 @@ JOBS = {
     "tune_dspe": "xray-match-dspe",
 }
 PLATFORMS = ["base", "overlays/cpu", "overlays/gpu"]
-BUILDS = [p for platform in PLATFORMS for p in (platform, f"{platform}/jobs")]
+# each platform, its RayJobs (jobs/) and its search RayService (serve/): separate builds
+BUILDS = [p for platform in PLATFORMS for p in (platform, f"{platform}/jobs", f"{platform}/serve")]
 ROLE = "xray-match.io/role"
 
 
@@ -102,6 +103,8 @@ def test_platform_and_jobs_are_separate_builds():
     for platform in PLATFORMS:
         assert not docs_of(platform, "RayJob"), "applying the platform must not start a run"
         assert {d["kind"] for d in rendered(f"{platform}/jobs")} == {"RayJob"}
+        assert not docs_of(platform, "RayService"), "applying the platform must not start the search service"
+        assert {d["kind"] for d in rendered(f"{platform}/serve")} == {"RayService", "NetworkPolicy"}
 
 
 # ---------------------------------------------------------------- schemas
@@ -115,7 +118,7 @@ def test_core_kinds_validate_against_kubernetes_schema(build):
     import kubernetes_validate
 
     for doc in rendered(build):
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             continue
         assert doc["kind"] in CORE_KINDS, f"unexpected kind {doc['kind']}: add a validation for it"
         try:
@@ -156,7 +159,7 @@ def crd_validator(kind: str):
 @pytest.mark.parametrize("build", BUILDS)
 def test_kuberay_resources_validate_against_crd_schema(build):
     for doc in rendered(build):
-        if doc["kind"] not in ("RayCluster", "RayJob"):
+        if doc["kind"] not in ("RayCluster", "RayJob", "RayService"):
             continue
         assert doc["apiVersion"] == "ray.io/v1"
         errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=lambda e: list(e.path))
@@ -177,6 +180,7 @@ DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 def cluster_specs(build: str) -> list[tuple[str, dict]]:
     out = [(d["metadata"]["name"], d["spec"]) for d in docs_of(build, "RayCluster")]
     out += [(d["metadata"]["name"], d["spec"]["rayClusterSpec"]) for d in docs_of(build, "RayJob")]
+    out += [(d["metadata"]["name"], d["spec"]["rayClusterConfig"]) for d in docs_of(build, "RayService")]
     return out
 
 
@@ -311,7 +315,10 @@ def pods(build: str) -> list[tuple[str, dict, list[dict]]]:
         where = f"{doc['kind']}/{doc['metadata']['name']}"
         if doc["kind"] in ("Deployment", "StatefulSet"):
             out.append((where, doc["spec"]["template"]["spec"], []))
-        spec = doc["spec"].get("rayClusterSpec", doc["spec"]) if doc["kind"] in ("RayCluster", "RayJob") else None
+        cluster_key = {"RayCluster": None, "RayJob": "rayClusterSpec", "RayService": "rayClusterConfig"}
+        spec = None
+        if doc["kind"] in cluster_key:
+            spec = doc["spec"][cluster_key[doc["kind"]]] if cluster_key[doc["kind"]] else doc["spec"]
         if spec is None:
             continue
         autoscaler = dict(spec["autoscalerOptions"], name="autoscaler")
@@ -396,6 +403,8 @@ def test_nothing_is_exposed_outside_the_cluster(build):
         if doc["kind"] == "Service":
             assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", _key(doc)
             assert "externalIPs" not in doc["spec"]
+    for service in docs_of(build, "RayService"):
+        assert service["spec"].get("serveService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
     for _, spec in cluster_specs(build):
         assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
         for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
@@ -465,7 +474,7 @@ def test_secret_files_are_git_ignored():
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_every_referenced_configmap_key_exists(platform):
     cms = configmap_data(platform)
-    for build in (platform, f"{platform}/jobs"):
+    for build in (platform, f"{platform}/jobs", f"{platform}/serve"):
         for name, c in containers(build):
             for ref in c.get("envFrom", []):
                 if "configMapRef" in ref:
@@ -487,7 +496,7 @@ def _selects(selector: dict, labels: dict) -> bool:
 def pod_labels(platform: str) -> dict[str, dict]:
     """Labels of every pod kind the platform + its jobs create (KubeRay keeps template labels)."""
     out = {}
-    for build in (platform, f"{platform}/jobs"):
+    for build in (platform, f"{platform}/jobs", f"{platform}/serve"):
         for doc in rendered(build):
             base = f"{doc['kind']}/{doc['metadata']['name']}"
             if doc["kind"] in ("Deployment", "StatefulSet"):
@@ -500,9 +509,10 @@ def pod_labels(platform: str) -> dict[str, dict]:
     return out
 
 
-def allowed_sources(platform: str, target: dict, port: int) -> set[str]:
-    """Which of the project's pods may open `port` on a pod labelled `target`."""
-    policies = [p for p in docs_of(platform, "NetworkPolicy") if _selects(p["spec"]["podSelector"], target)]
+def allowed_sources(platform: str, target: dict, port: int, extra: tuple[str, ...] = ()) -> set[str]:
+    """Which of the project's pods may open `port` on a pod labelled `target` (policies of the
+    platform and of the `extra` builds)."""
+    policies = [p for b in (platform, *extra) for p in docs_of(b, "NetworkPolicy") if _selects(p["spec"]["podSelector"], target)]
     assert all("Ingress" in p["spec"]["policyTypes"] for p in policies)
     allowed = set()
     for where, labels in pod_labels(platform).items():
@@ -528,7 +538,7 @@ def test_network_policies(platform):
     mlflow = labels["Deployment/mlflow"]
     postgres = labels["StatefulSet/postgres"]
     ray_pods = {k for k in labels if labels[k].get(ROLE) == "ray-node"}
-    assert len(ray_pods) == 2 + 2 * len(JOBS), ray_pods  # head + worker group, for xray and every job
+    assert len(ray_pods) == 2 + 2 * len(JOBS) + 2, ray_pods  # head + worker group: xray, every job, search
     assert allowed_sources(platform, mlflow, 5000) == ray_pods
     assert allowed_sources(platform, postgres, 5432) == {"Deployment/mlflow"}
     submitters = {k for k in labels if k.endswith("/submitter")}
@@ -541,6 +551,50 @@ def test_network_policies(platform):
                 if "namespaceSelector" in peer:  # only the KubeRay operator, and only to the job API
                     assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
                     assert [x["port"] for x in rule["ports"]] == [8265]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_search_service_is_reachable_only_by_search_clients(platform):
+    """Serve's HTTP port on the search pods: from pods labelled search-client (and, as every port of
+    a Ray pod, from Ray pods); its dashboard only from the operator, like every Ray head."""
+    labels = pod_labels(platform)
+    search = {k: v for k, v in labels.items() if k.startswith("xray-search/")}
+    assert set(search) == {"xray-search/head", "xray-search/search"}
+    client = {"xray-match.io/role": "search-client"}
+    for pod in search.values():
+        ray_pods = {k for k, v in labels.items() if v.get(ROLE) == "ray-node"}  # Ray's own traffic, any port
+        assert allowed_sources(platform, pod, 8000, extra=(f"{platform}/serve",)) <= ray_pods
+        assert not [p for p in docs_of(f"{platform}/serve", "NetworkPolicy") if _selects(p["spec"]["podSelector"], client)]
+        policies = [p for p in docs_of(f"{platform}/serve", "NetworkPolicy") if _selects(p["spec"]["podSelector"], pod)]
+        peers = [peer for p in policies for rule in p["spec"]["ingress"] for peer in rule["from"]]
+        assert any(_selects(peer["podSelector"], client) for peer in peers)
+        assert all("namespaceSelector" not in peer and "ipBlock" not in peer for peer in peers)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_rayservice_runs_the_search_app(platform):
+    """serveConfigV2 names the app builder `xray-match serve` uses, with args it accepts, the
+    champion alias of a model a job registers, and the port the Serve Service targets."""
+    import importlib
+
+    from xray_match.serve.app import build_app
+
+    (service,) = docs_of(f"{platform}/serve", "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    module, _, attr = app["import_path"].partition(":")
+    assert getattr(importlib.import_module(module), attr) is build_app
+    assert build_app(app["args"]) is not None  # settings validated (unknown keys, ranges) without Ray
+    assert re.fullmatch(r"models:/([\w-]+)@champion", app["args"]["model"])[1] in JOBS.values()
+    port = config["http_options"]["port"]
+    assert config["http_options"]["host"] == "0.0.0.0"
+    assert [p["targetPort"] for p in service["spec"]["serveService"]["spec"]["ports"]] == [port]
+    spec = service["spec"]["rayClusterConfig"]
+    settings = app["args"]["settings"]
+    workers = spec["workerGroupSpecs"][0]
+    cpus = quantity(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert settings["max_replicas"] * settings["num_cpus"] <= workers["maxReplicas"] * cpus, "replicas cannot all fit"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 # ---------------------------------------------------------------- MLflow and PostgreSQL

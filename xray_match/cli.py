@@ -7,6 +7,8 @@
     xray-match tune  [--config PRESET] [flags] [key=value ...]
     xray-match search --model models:/xray-match-moco@champion --text "a red seven" --images DIR
     xray-match search --model URI --image FILE --texts FILE|--text T ...
+    xray-match index --model models:/xray-match-moco@champion --data SHARDS --out DIR   (faiss index, Ray Data)
+    xray-match serve --model models:/xray-match-moco@champion [--index DIR]            (search app, Ray Serve)
     xray-match config [PRESET] [key=value ...]                    (print the merged, validated config)
 """
 
@@ -148,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--top", type=int, default=10)
     se.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)")
     se.set_defaults(func=_search)
+    from xray_match.cli_serve import add_serve_commands
+
+    add_serve_commands(sub)
 
     co = sub.add_parser("config", help="print the merged, validated config of a preset")
     co.add_argument("preset", nargs="?", default=None)

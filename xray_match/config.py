@@ -199,6 +199,10 @@ class RDANConfig:
     eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
     eval_caption_block: int = F(256, ge=1, help="captions per scoring block")
     eval_cell_budget: int = F(1 << 20, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
+    rerank_top_k: int = F(0, ge=0, help="evaluation: 0 = every pair exactly; K = two-stage: each image's K nearest "
+                                        "captions and each caption's K nearest images by pooled features, reranked exactly")
+    embed_loss_weight: float = F(0.0, ge=0, help="weight of the auxiliary hinge loss on the pooled features "
+                                                 "(trains the two-stage shortlist); 0 = off")
 
 
 @dataclass

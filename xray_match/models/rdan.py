@@ -218,7 +218,20 @@ class RDAN(nn.Module):
         x = batch["regions"] if "regions" in batch else batch["images"]
         v = self.encode_images(x)  # (B_i, k, D)
         e = self.encode_texts(batch["tokens"], batch["lengths"])  # (B_c, n, D)
-        return {"scores": self.pair_scores(v, e, batch["lengths"])}
+        return {"scores": self.pair_scores(v, e, batch["lengths"]),
+                "embed_scores": self.pooled_scores(v, e, batch["lengths"])}
+
+    @staticmethod
+    def pooled(v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cheap embedding of the two-stage shortlist: mean region (B_i, D) and mean real word
+        (B_c, D), L2-normalised (:mod:`xray_match.metrics.two_stage`)."""
+        words = e.sum(1) / lengths.to(e.device).clamp_min(1).unsqueeze(1).to(e.dtype)  # padding is zero
+        return Fn.normalize(v.mean(1), dim=-1), Fn.normalize(words, dim=-1)
+
+    def pooled_scores(self, v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B_i, B_c) cosine of the pooled features; trained by the auxiliary embedding loss."""
+        img, txt = self.pooled(v, e, lengths)
+        return img @ txt.t()
 
     # ---- Eq. (5-11) for all pairs ----------------------------------------------------------
     def relation_maps(self, s: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from xray_match.data.format import ShardFormatError
 from xray_match.data.transforms import image_to_tensor, normalize, stable_id
 from xray_match.losses.ranking import HingeRankingLoss
 from xray_match.metrics.retrieval import fold_recall, ranks_i2t, ranks_t2i, summarize
+from xray_match.metrics.two_stage import pooled_embeddings, two_stage_scores
 from xray_match.metrics.xattn import score_all_pairs, score_all_pairs_distributed
 from xray_match.models.rdan import RDAN, build_rdan
 from xray_match.registry import RECIPES, SPACES
@@ -146,18 +147,26 @@ class RDANLoss(nn.Module):
     negatives first gets the encoders going. The step count is a buffer, so it survives resume.
     """
 
-    def __init__(self, margin: float, hardest: bool, reduction: str, warmup_steps: int = 0):
+    def __init__(self, margin: float, hardest: bool, reduction: str, warmup_steps: int = 0, embed_weight: float = 0.0):
         super().__init__()
         self.rank = HingeRankingLoss(margin, hardest, reduction, score_key="scores")
         self.all_negatives = HingeRankingLoss(margin, False, reduction, score_key="scores")
         self.warmup_steps = warmup_steps if hardest else 0
+        # auxiliary: the same hinge on the pooled features' cosine, which shortlists for two-stage retrieval
+        self.embed_weight = float(embed_weight)
+        self.embed = HingeRankingLoss(margin, hardest, reduction, score_key="embed_scores")
+        self.embed_all = HingeRankingLoss(margin, False, reduction, score_key="embed_scores")
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         warm = self.training and int(self.steps) < self.warmup_steps
         if self.training:
             self.steps += 1
-        return (self.all_negatives if warm else self.rank)(outputs, batch)
+        out = (self.all_negatives if warm else self.rank)(outputs, batch)
+        if self.embed_weight > 0 and "embed_scores" in outputs:
+            aux = (self.embed_all if warm else self.embed)(outputs, batch)
+            out["embed_loss"] = self.embed_weight * aux["rank_loss"]
+        return out
 
 
 @RECIPES.register("rdan")
@@ -196,7 +205,8 @@ class RDANRecipe(Recipe):
 
     def build_loss(self) -> nn.Module:
         r = self.cfg.rdan
-        return RDANLoss(r.margin, effective(self.cfg)["hardest"], r.loss_reduction, r.hardest_warmup_steps)
+        return RDANLoss(r.margin, effective(self.cfg)["hardest"], r.loss_reduction, r.hardest_warmup_steps,
+                        r.embed_loss_weight)
 
     def transform(self, train: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
         return RDANTransform(self.cfg, self.vocab, train)
@@ -263,8 +273,14 @@ class RDANRecipe(Recipe):
         autocast = ctx.autocast or _nullcontext
         kw = dict(caption_block=r.eval_caption_block, cell_budget=r.eval_cell_budget, device=ctx.device)
         with autocast():
-            scores = score_all_pairs_distributed(net.pair_scores, v, words, lengths, rank=ctx.rank,
-                                                 world_size=ctx.world_size, gather=ctx.gather, **kw).cpu()
+            if r.rerank_top_k:  # two-stage: pooled-feature shortlist, exact rerank (every rank alike: it is cheap)
+                img, txt = pooled_embeddings(v, words, lengths)
+                scores, pairs = two_stage_scores(net.pair_scores, v, words, lengths, img, txt, r.rerank_top_k,
+                                                 device=ctx.device, caption_block=r.eval_caption_block)
+            else:
+                scores = score_all_pairs_distributed(net.pair_scores, v, words, lengths, rank=ctx.rank,
+                                                     world_size=ctx.world_size, gather=ctx.gather, **kw).cpu()
+                pairs = scores.numel()
         score_s = time.perf_counter() - t0
         r_i2t, r_t2i = ranks_i2t(scores, caption_image), ranks_t2i(scores, caption_image)
         out = summarize(r_i2t, r_t2i)
@@ -273,6 +289,7 @@ class RDANRecipe(Recipe):
             out |= {f"{r.eval_folds}fold_{k}": x for k, x in mean.items()}
         out["rank_loss"] = self._val_loss(scores, caption_image)
         out["images"], out["captions"], out["score_s"] = float(v.shape[0]), float(len(lengths)), score_s
+        out["pairs_scored"] = float(pairs)
         if ctx.is_main and ctx.out_dir:
             from xray_match.metrics.plots import save_recall_curve
 

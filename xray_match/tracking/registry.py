@@ -22,8 +22,8 @@ class ModelLookupError(LookupError):
 
 
 class XrayMatchModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: ``predict(DataFrame{"text": [...]})`` returns text embeddings for
-    embedding models; richer use goes through :func:`load_model`."""
+    """The pyfunc of versions registered before :mod:`xray_match.tracking.pyfunc` (kept so that they
+    still load): ``predict(DataFrame{"text": [...]})`` returns text embeddings."""
 
     def load_context(self, context):
         self.inference = load_inference(context.artifacts["checkpoint"])
@@ -37,15 +37,11 @@ def log_and_register(uri: str, run_id: str, ckpt_dir: str, name: str, tags: dict
                      alias: str = CHAMPION) -> int:
     import mlflow
 
+    from xray_match.tracking.pyfunc import log_pyfunc
+
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=XrayMatchModel(),
-            artifacts={"checkpoint": ckpt_dir},
-            pip_requirements=["xray-match"],  # no inference: it would import and run the model
-            registered_model_name=name,
-        )
+        info = log_pyfunc(ckpt_dir, registered_model_name=name)
     c = client(uri)
     version = info.registered_model_version
     if version is None:  # older MLflow: look the version up by run
@@ -104,3 +100,8 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
             raise ModelLookupError(f"registered model {name!r} has no {what} at {mlflow.get_tracking_uri()}") from None
     local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     return load_inference(local, device)
+
+
+def tag_model_version(uri: str, name: str, version: str, key: str, value: str) -> None:
+    """One tag on a registered model version (e.g. where the search index built for it is)."""
+    client(uri).set_model_version_tag(name, str(version), key, str(value))

@@ -1,0 +1,276 @@
+"""The search service on Ray Serve: JSON endpoints, the web page, request batching, autoscaling,
+and following the model's MLflow alias.
+
+Routes (all served by one deployment behind Serve's HTTP proxy)::
+
+    GET  /                      the web page (search box, result grid, image upload)
+    GET  /api/info              model (name, alias, version), index, counts, swaps so far
+    POST /api/search/text       {"text": "...", "k": 10}            -> {"results": [image hits]}
+    POST /api/search/image      raw PNG/JPEG body (?k=10), or {"image": "<base64>", "k": 10}
+                                                                    -> {"results": [caption hits]}
+    GET  /images/{split}/{key}  an indexed image, read from its shard
+    GET  /healthz
+
+Concurrent text queries are batched (``@serve.batch``): one forward pass of the text tower and one
+faiss search per batch. When the model reference is an alias (``models:/NAME@champion``), each
+replica polls it every ``poll_s`` seconds; when it points at a new version whose index exists
+(the version's ``xray_match.index`` tag, written by ``xray-match index``), the replica loads that
+model and index beside the old ones and then swaps one reference: requests in flight finish on
+the old searcher, later ones use the new one, none is dropped.
+
+``build_app(args)`` is the application builder for ``serve run`` and the RayService manifest
+(``import_path: xray_match.serve.app:build_app``).
+"""
+
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import threading
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from xray_match.serve.config import ServeConfig, build_settings
+from xray_match.serve.index import decode_image
+from xray_match.serve.model import current_version, index_of, resolve, with_version
+from xray_match.serve.search import Searcher
+
+APP_NAME = "xray-match-search"
+log = logging.getLogger("ray.serve")
+api = FastAPI(title="xray-match search", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _page() -> str:
+    return resources.files("xray_match.serve").joinpath("static/index.html").read_text()
+
+
+def _k(value: Any, cfg: ServeConfig) -> int:
+    try:
+        k = int(cfg.top_k if value in (None, "") else value)
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"k: {value!r} is not an integer") from None
+    if not 1 <= k <= cfg.max_top_k:
+        raise HTTPException(400, f"k: {k} is out of range (1..{cfg.max_top_k})")
+    return k
+
+
+@serve.deployment(name="search")
+@serve.ingress(api)
+class SearchService:
+    def __init__(self, model: str, index: str | None = None, tracking_uri: str | None = None,
+                 settings: dict[str, Any] | None = None):
+        import torch
+
+        self.cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
+        torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        ref = resolve(model, tracking_uri)
+        index = index or index_of(ref)
+        if not index:
+            raise LookupError(f"{ref.pinned}: no index given and none tagged on the version (run `xray-match index`)")
+        self.searcher = Searcher.load(ref, index)
+        self.swaps, self.last_poll_error = 0, None
+        self._texts.set_max_batch_size(self.cfg.max_batch_size)
+        self._texts.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._images.set_max_batch_size(self.cfg.max_batch_size)
+        self._images.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._stop = threading.Event()
+        if ref.alias and self.cfg.poll_s > 0:
+            threading.Thread(target=self._follow, name="alias-follower", daemon=True).start()
+        log.info("serving %s with index %s", ref.pinned, index)
+
+    # ---- following the alias --------------------------------------------------------------
+    def _follow(self) -> None:
+        waiting_for = None
+        while not self._stop.wait(self.cfg.poll_s):
+            current = self.searcher
+            try:
+                version = current_version(current.ref)
+                if version is None or version == current.ref.version:
+                    continue
+                index = index_of(current.ref, version)
+                if not index:
+                    if waiting_for != version:
+                        log.warning("%s@%s moved to version %s, which has no index yet; still serving version %s",
+                                    current.ref.name, current.ref.alias, version, current.ref.version)
+                        waiting_for = version
+                    continue
+                new = Searcher.load(with_version(current.ref, version), index)
+                self.searcher = new  # one reference: requests in flight keep the searcher they started with
+                self.swaps += 1
+                self.last_poll_error = None
+                log.info("switched to %s with index %s", new.ref.pinned, index)
+            except Exception as e:  # a registry hiccup must not stop the service: keep serving, retry
+                self.last_poll_error = f"{type(e).__name__}: {e}"
+                log.warning("alias poll failed: %s", self.last_poll_error)
+
+    def __del__(self):
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+    # ---- batched search -------------------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _texts(self, queries: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        searcher = self.searcher
+        k = max(k for _, k in queries)
+        hits = await asyncio.to_thread(searcher.text_to_images, [t for t, _ in queries], k)
+        return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
+                for h, (_, ki) in zip(hits, queries)]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _images(self, queries: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+        searcher = self.searcher
+        k = max(k for _, k in queries)
+        hits = await asyncio.to_thread(searcher.image_to_captions, [im for im, _ in queries], k)
+        return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
+                for h, (_, ki) in zip(hits, queries)]
+
+    # ---- routes ---------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> str:
+        return _page()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/api/info")
+    async def info(self) -> dict[str, Any]:
+        return self.searcher.info() | {"swaps": self.swaps, "poll_s": self.cfg.poll_s,
+                                       "last_poll_error": self.last_poll_error, "top_k": self.cfg.top_k}
+
+    @api.post("/api/search/text")
+    async def search_text(self, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, 'body: expected JSON {"text": "...", "k": 10}') from None
+        text = body.get("text") if isinstance(body, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise HTTPException(400, "text: a non-empty string is required")
+        t0 = time.perf_counter()
+        out = await self._texts((text.strip(), _k(body.get("k"), self.cfg)))
+        return out | {"query": text, "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    @api.post("/api/search/image")
+    async def search_image(self, request: Request) -> dict[str, Any]:
+        data = await request.body()
+        if len(data) > self.cfg.max_upload_bytes:
+            raise HTTPException(413, f"image: {len(data)} bytes, the limit is {self.cfg.max_upload_bytes}")
+        k = request.query_params.get("k")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                import json
+
+                body = json.loads(data)
+                data = base64.b64decode(body["image"], validate=True)
+                k = body.get("k", k)
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                raise HTTPException(400, 'body: expected JSON {"image": "<base64 PNG/JPEG>", "k": 10}') from None
+        if not data:
+            raise HTTPException(400, "image: empty upload")
+        try:
+            image = decode_image(data)
+        except ValueError as e:
+            raise HTTPException(400, f"image: {e}") from None
+        t0 = time.perf_counter()
+        out = await self._images((image, _k(k, self.cfg)))
+        return out | {"ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    @api.get("/images/{split}/{key}")
+    async def image(self, split: str, key: str) -> Response:
+        found = await asyncio.to_thread(self.searcher.image_bytes, split, key)
+        if found is None:
+            return JSONResponse({"detail": f"no image {split}/{key} in the index"}, status_code=404)
+        data, mime = found
+        return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=3600"})
+
+
+def deployment(model: str, index: str | None = None, tracking_uri: str | None = None,
+               settings: dict[str, Any] | None = None):
+    """The bound application: ``SearchService`` with autoscaling and resources from ``settings``."""
+    cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
+    autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
+                   "initial_replicas": max(1, cfg.min_replicas), "target_ongoing_requests": cfg.target_ongoing_requests}
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        env["MLFLOW_TRACKING_URI"] = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    return SearchService.options(
+        autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}},
+    ).bind(model, index, tracking_uri, {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder for ``serve run xray_match.serve.app:build_app model=... index=...`` and
+    RayService ``serveConfigV2`` (``args: {model: ..., index: ..., tracking_uri: ..., settings: {...}}``)."""
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("args.model: the model to serve is required (models:/NAME@ALIAS or a checkpoint path)")
+    settings = args.pop("settings", None) or {}
+    unknown = set(args) - {"model", "index", "tracking_uri"}
+    if unknown:
+        raise ValueError(f"args: unknown key {sorted(unknown)[0]!r} (model, index, tracking_uri, settings)")
+    return deployment(args["model"], args.get("index") or None, args.get("tracking_uri") or None, settings)
+
+
+def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[Any, str]:
+    """Check in the driver what a replica would refuse (Serve retries failing replicas for minutes):
+    the model resolves, the index exists, is readable and was built for that version."""
+    import json
+
+    from xray_match.serve.index import META, IndexFormatError, SearchIndex
+
+    ref = resolve(model, tracking_uri)
+    index = index or index_of(ref)
+    if not index:
+        raise LookupError(f"{ref.pinned}: no --index given and none tagged on the version (run `xray-match index`)")
+    import fsspec
+
+    from xray_match.data.format import join
+
+    try:
+        with fsspec.open(join(index, META), "r") as fh:
+            built_for = json.load(fh).get("model", {})
+    except FileNotFoundError:
+        SearchIndex.load(index)  # raises the reader's error naming the folder
+        raise
+    if ref.registered and built_for.get("name") == ref.name and str(built_for.get("version")) != ref.version:
+        raise IndexFormatError(f"{index}: built for {ref.name} version {built_for.get('version')}, not version {ref.version}")
+    return ref, index
+
+
+def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
+    """``serve.start`` on ``cfg.host:port``. Serve gives its HTTP proxy a fixed 60 s to come up; on a
+    loaded machine it can miss that, and a second try (the process is warm by then) succeeds."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            serve.start(http_options={"host": cfg.host, "port": cfg.port})
+            return
+        except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError) as e:
+            if attempt == tries:
+                raise
+            log.warning("Serve's HTTP proxy did not start (%s); retrying", type(e).__name__)
+
+
+def run(model: str, index: str | None = None, tracking_uri: str | None = None,
+        settings: dict[str, Any] | None = None, blocking: bool = False) -> str:
+    """Start Serve's HTTP proxy on ``settings.host:port`` and the app; returns the base URL."""
+    import ray
+
+    cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
+    preflight(model, index, tracking_uri)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
+                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    start_proxy(cfg)
+    serve.run(deployment(model, index, tracking_uri, settings), name=APP_NAME, route_prefix="/", blocking=blocking)
+    return f"http://{cfg.host}:{cfg.port}"
