@@ -83,19 +83,11 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelRef:
     m = _MODELS_URI.fullmatch(uri)
     if not m:
         raise ModelLookupError(f"{uri!r}: not a checkpoint path nor a models:/NAME@ALIAS or models:/NAME/VERSION URI")
-    from mlflow.exceptions import MlflowException
+    from xray_match.tracking.registry import pin_version
 
     name, alias, version = m.groups()
     tracking_uri = default_tracking_uri(tracking_uri)
-    client = _client(tracking_uri)
-    try:
-        if alias:
-            version = client.get_model_version_by_alias(name, alias).version
-        else:
-            client.get_model_version(name, version)
-    except MlflowException:
-        what = f"alias {alias!r}" if alias else f"version {version}"
-        raise ModelLookupError(f"{uri}: registered model {name!r} has no {what} at {tracking_uri}") from None
+    version = pin_version(tracking_uri, name, alias, version)
     return ModelRef(uri=uri, tracking_uri=tracking_uri, name=name, alias=alias, version=str(version))
 
 

@@ -34,7 +34,7 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     """``predict(DataFrame{"text", "image"})`` -> (N, D) float32 embeddings."""
 
     def load_context(self, context) -> None:
-        from xray_match.tracking.registry import load_inference
+        from xray_match.train.checkpoint import load_inference
 
         self.inference = load_inference(context.artifacts["checkpoint"])
         if not (hasattr(self.inference, "encode_texts") and hasattr(self.inference, "encode_images")):
@@ -136,13 +136,12 @@ def pinned_requirements(dist: str = "xray-match") -> list[str]:
 
 def log_pyfunc(checkpoint_dir: str, registered_model_name: str | None = None, name: str = "model"):
     """Log ``checkpoint_dir`` as the run's pyfunc model (code, signature, example, pinned requirements)."""
-    import xray_match
-
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # xray_match/, bundled as code
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
         artifacts={"checkpoint": checkpoint_dir},
-        code_paths=[os.path.dirname(os.path.abspath(xray_match.__file__))],
+        code_paths=[package],
         pip_requirements=pinned_requirements(),
         signature=signature(),
         input_example=input_example(),

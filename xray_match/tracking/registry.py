@@ -55,14 +55,12 @@ def log_and_register(uri: str, run_id: str, ckpt_dir: str, name: str, tags: dict
 
 def load_inference(path: str, device: str = "cpu") -> Any:
     """A checkpoint folder or file -> the recipe's inference object."""
-    from xray_match.train.checkpoint import CheckpointError, load_checkpoint, restore_model
+    from xray_match.train import checkpoint
 
     try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
+        return checkpoint.load_inference(path, device)
+    except checkpoint.CheckpointError as e:
         raise ModelLookupError(str(e)) from None
-    recipe, model = restore_model(state, device)
-    return recipe.inference(model)
 
 
 def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -> Any:
@@ -105,3 +103,17 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu") -
 def tag_model_version(uri: str, name: str, version: str, key: str, value: str) -> None:
     """One tag on a registered model version (e.g. where the search index built for it is)."""
     client(uri).set_model_version_tag(name, str(version), key, str(value))
+
+
+def pin_version(uri: str, name: str, alias: str | None, version: str | None) -> str:
+    """The version ``alias`` points at (or ``version``, checked to exist) in registered model ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        if alias:
+            return str(c.get_model_version_by_alias(name, alias).version)
+        return str(c.get_model_version(name, version).version)
+    except MlflowException:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise ModelLookupError(f"models:/{name}: registered model {name!r} has no {what} at {uri}") from None

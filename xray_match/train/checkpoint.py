@@ -180,6 +180,12 @@ def restore_model(state: Mapping[str, Any], device: Any = "cpu",
     return recipe, model.to(device).eval()
 
 
+def load_inference(path: str, device: Any = "cpu") -> Any:
+    """A checkpoint folder or file -> the recipe's inference object (preprocessing included)."""
+    recipe, model = restore_model(load_checkpoint(path), device)
+    return recipe.inference(model)
+
+
 def evaluate_checkpoint(path: str, splits: Iterable[str] | None = None, *, storage: Storage | None = None,
                         device: "torch.device | None" = None) -> dict[str, float]:
     """Metrics of the checkpoint folder at ``path`` (as Ray reported it under ``storage``, or a local
