@@ -82,3 +82,29 @@ def test_evaluating_a_checkpoint_equals_the_trainers_evaluation(tiny_scenes, tmp
     expect, _ = trainer.evaluate("test")
     got = evaluate_checkpoint(str(tmp_path), ["test"], device=torch.device("cpu"))
     assert got.keys() == expect.keys() and all(got[k] == pytest.approx(expect[k], abs=1e-6) for k in expect)
+
+
+class _Payload:
+    """A pickle that runs code when loaded: it would create ``marker``."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    """Issue 16 (1): ``xray_match.load_model(folder)`` on a checkpoint whose pickle runs code."""
+    import xray_match
+    from xray_match.tracking.registry import ModelLookupError
+
+    marker = tmp_path / "payload-ran"
+    folder = tmp_path / "shared-checkpoint"
+    folder.mkdir()
+    torch.save({"model": {}, "config": _Payload(str(marker))}, str(folder / CKPT_FILE))
+    with pytest.raises(ModelLookupError, match=f"{folder / CKPT_FILE}: not a readable plain-data checkpoint"):
+        xray_match.load_model(str(folder))
+    with pytest.raises(CheckpointError, match=CKPT_FILE):
+        load_checkpoint(str(folder))
+    assert not marker.exists()
