@@ -103,6 +103,8 @@ class RayConfig:
     storage_path: str = F("", help="Ray storage_path (local or s3://); empty = $XRAY_MATCH_HOME/runs")
     name: str = ""
     max_failures: int = F(1, ge=-1, help="FailureConfig: restarts from the last checkpoint")
+    worker_start_timeout_s: float = F(300.0, gt=0, help="how long Ray Train waits for a worker group to start "
+                                      "(Ray's own 60 s fails trials on a loaded machine)")
 
 
 @dataclass

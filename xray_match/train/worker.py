@@ -104,6 +104,8 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
     use_gpu = cfg.ray.gpus_per_worker > 0
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})
     backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    # read by Ray Train's controller, which gets it from the process that calls fit()
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.ray.worker_start_timeout_s)
     return TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow,
