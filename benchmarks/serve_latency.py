@@ -45,8 +45,10 @@ def untrained_checkpoint(out_dir: str, preset: str = "moco_cpu") -> str:
     info = DataInfo(root="", dataset="synthetic", counts={})
     model = RECIPES.get(cfg.model.name)(cfg, info).build_model()
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "info": vars(info), "recipe": cfg.model.name},
-               os.path.join(out_dir, "checkpoint.pt"))
+    from xray_match.train.checkpoint import CKPT_FILE, save_checkpoint
+
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "info": vars(info), "recipe": cfg.model.name},
+                    os.path.join(out_dir, CKPT_FILE))
     return out_dir
 
 

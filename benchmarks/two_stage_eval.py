@@ -38,7 +38,9 @@ def train(epochs: int, overrides: list[str], out: str) -> str:
         trainer.train_epoch()
         trainer.state.epoch += 1
     os.makedirs(out, exist_ok=True)
-    torch.save(trainer.state_dict(), os.path.join(out, "checkpoint.pt"))
+    from xray_match.train.checkpoint import CKPT_FILE, save_checkpoint
+
+    save_checkpoint(trainer.state_dict(), os.path.join(out, CKPT_FILE))
     return out
 
 

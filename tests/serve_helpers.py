@@ -12,12 +12,10 @@ MOCO_TINY = ["data.num_workers=0", "data.batch_size=16", "data.eval_batch_size=3
 def train_checkpoint(data: str, out_dir: str, steps: int = 3, preset: str = "moco_cpu",
                      overrides: list[str] | None = None, seed: int = 0) -> str:
     """Train ``steps`` optimizer steps in this process (no Ray) and save a checkpoint folder."""
-    import torch
-
     from xray_match.config import load_config
     from xray_match.train.loop import Trainer
     from xray_match.train.prepare import prepare_info
-    from xray_match.train.worker import CKPT_FILE
+    from xray_match.train.checkpoint import CKPT_FILE, save_checkpoint
 
     cfg = load_config(preset, [f"data.path={data}", f"data.steps_per_epoch={steps}", f"train.seed={seed}",
                                "tracking.enabled=false", *(MOCO_TINY if preset.startswith("moco") else []),
@@ -26,7 +24,7 @@ def train_checkpoint(data: str, out_dir: str, steps: int = 3, preset: str = "moc
     if steps:
         trainer.train_epoch()
     os.makedirs(out_dir, exist_ok=True)
-    torch.save(trainer.state_dict(), os.path.join(out_dir, CKPT_FILE))
+    save_checkpoint(trainer.state_dict(), os.path.join(out_dir, CKPT_FILE))
     return out_dir
 
 
@@ -36,10 +34,11 @@ def register(mlflow_uri: str, checkpoint_dir: str, name: str, data: str) -> int:
     from xray_match.tracking.runs import TrackingSession
     from xray_match.train.recipe import DataInfo
 
-    cfg = load_config("moco_cpu", [f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment_name=serve-tests"])
+    cfg = load_config("moco_cpu", [f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment_name=serve-tests",
+                                   f"tracking.registered_model_name={name}"])
     session = TrackingSession(cfg)
     run_id = session.start_run(f"register-{os.path.basename(checkpoint_dir)}")
-    version = session.register(checkpoint_dir, run_id, {}, DataInfo(root=data, dataset="digit-scenes", counts={}), name=name)
+    version = session.register(checkpoint_dir, run_id, {}, DataInfo(root=data, dataset="digit-scenes", counts={}))
     session.end_run(run_id)
     return version
 
