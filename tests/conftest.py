@@ -10,6 +10,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# under `uv run pytest` Ray would start every worker through `uv run` with a fresh virtual
+# environment (minutes on 2 cores, worker-start timeouts); the test cluster is local, so its
+# workers run this interpreter, as the jobs' local clusters do (launch.py)
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
