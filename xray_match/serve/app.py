@@ -69,7 +69,11 @@ class SearchService:
         import torch
 
         self.cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
+        import faiss
+
+        # threads = the replica's CPU share: more would spin (OpenMP) against the proxy and other replicas
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+        faiss.omp_set_num_threads(max(1, int(self.cfg.num_cpus)))
         ref = resolve(model, tracking_uri)
         index = index or index_of(ref)
         if not index:
