@@ -81,8 +81,8 @@ def test_mlflow_models_serve_embeds_text_and_images(served_model, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         # a row with neither kind is a clear error, not a crash
         status, out = post_json(f"{base}/invocations", {"dataframe_split": {"columns": ["text"], "data": [[None]]}})
-        body = " ".join(str(v) for v in out.values())  # MLflow puts the model's error in message or stack_trace
-        assert status == 400 and "input row 0: neither 'text' nor 'image' is given" in body
+        error_text = " ".join(str(v) for v in out.values())  # MLflow puts the model's error in message or stack_trace
+        assert status == 400 and "input row 0: neither 'text' nor 'image' is given" in error_text
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
