@@ -176,13 +176,13 @@ def _job(kind: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xray_match.preflight import EXPECTED
+    from xray_match.preflight import EXPECTED, first_line
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except EXPECTED as e:  # one line, exit 2, as the jobs do
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)
+        print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable
 
 from xray_match.config import Config, ConfigError, load_config
-from xray_match.preflight import EXPECTED, preflight
+from xray_match.preflight import EXPECTED, first_line, preflight
 
 FLAG_KEYS = {
     "data": "data.path",
@@ -70,8 +70,7 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except EXPECTED as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: {'config: ' if isinstance(e, ConfigError) else ''}{msg}", file=sys.stderr, flush=True)
+            print(f"error: {'config: ' if isinstance(e, ConfigError) else ''}{first_line(e)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     return wrapper

@@ -27,6 +27,11 @@ class PreflightError(RuntimeError):
 EXPECTED: tuple[type[BaseException], ...] = (ConfigError, PreflightError, ShardFormatError, FileNotFoundError)
 
 
+def first_line(e: BaseException) -> str:
+    """An expected failure as the one line a job or the CLI prints after ``error: ``."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def check_tracking(uri: str, timeout_s: float = TRACKING_TIMEOUT_S) -> None:
     """An http(s) tracking server must answer within ``timeout_s`` (MLflow itself retries for
     minutes); a sqlite or file store's folder must exist or be creatable."""
