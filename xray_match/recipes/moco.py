@@ -233,22 +233,24 @@ def moco_table3(cfg: Config) -> dict[str, Any]:
             "moco.queue_fraction": tune.grid_search([0.3, 0.5, 0.7, 1.0])}
 
 
-@SPACES.register("moco_table4")
-def moco_table4(cfg: Config) -> dict[str, Any]:
-    """Table 4: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at global batch 64."""
+def gaze_grid(cfg: Config, global_batch: int) -> dict[str, Any]:
+    """Tables 4 and 5: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at ``global_batch``."""
     from ray import tune
 
-    return {"moco.sampler": "batch", "data.batch_size": per_worker(cfg, 64),
+    return {"moco.sampler": "batch", "data.batch_size": per_worker(cfg, global_batch),
             "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
+
+
+@SPACES.register("moco_table4")
+def moco_table4(cfg: Config) -> dict[str, Any]:
+    """Table 4: gaze at global batch 64."""
+    return gaze_grid(cfg, 64)
 
 
 @SPACES.register("moco_table5")
 def moco_table5(cfg: Config) -> dict[str, Any]:
-    """Table 5: gaze probability 0 / 0.3 / 0.5 / 0.7, batch sampling at global batch 48."""
-    from ray import tune
-
-    return {"moco.sampler": "batch", "data.batch_size": per_worker(cfg, 48),
-            "moco.gaze_prob": tune.grid_search([0.0, 0.3, 0.5, 0.7])}
+    """Table 5: gaze at global batch 48."""
+    return gaze_grid(cfg, 48)
 
 
 @SPACES.register("moco_samplers")
