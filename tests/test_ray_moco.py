@@ -49,7 +49,7 @@ def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes,
     from xray_match.train.worker import FAULT_ENV, run_training
 
     marker = tmp_path / "worker-exited"
-    monkeypatch.setenv(FAULT_ENV, f"1:2:{marker}")
+    monkeypatch.setenv(FAULT_ENV, f"1:epoch=2:{marker}")
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=2", "ray.max_failures=1", "tracking.enabled=false")
     out = run_training(cfg, register=False)
     assert marker.exists()  # the worker did die
@@ -101,3 +101,111 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
         xray_match.load_model("models:/xray-match-moco@nope", tracking_uri=mlflow_uri)
     with pytest.raises(ModelLookupError, match="no registered model 'missing'"):
         xray_match.load_model("models:/missing@champion", tracking_uri=mlflow_uri)
+
+
+def _sample_log(folder) -> dict[int, dict[int, list[str]]]:
+    """rank -> step -> shard keys from the workers' audit trail (a step trained twice: the last time)."""
+    import json
+
+    out: dict[int, dict[int, list[str]]] = {}
+    for path in sorted(folder.glob("samples-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["rank"], {})[row["step"]] = row["keys"]
+    return out
+
+
+def test_worker_lost_mid_epoch_resumes_from_the_step_checkpoint_with_the_same_samples(
+        ray_cluster, tiny_scenes, tmp_path, mlflow_uri, monkeypatch):
+    """Step checkpoints (issue 16): worker 1 dies hard at step 7, inside epoch 2 (5 steps an epoch,
+    a checkpoint every 2 steps). Ray Train restarts the group from the step-6 checkpoint, and the run
+    ends with the same step count, the same batches on every rank in the same order, and the same
+    weights as an undisturbed run; only step 7 was trained twice."""
+    from xray_match.train.checkpoint import load_checkpoint
+    from xray_match.train.worker import FAULT_ENV, SAMPLE_LOG_ENV, run_training
+
+    runs = {}
+    for name in ("undisturbed", "killed"):
+        log = tmp_path / f"samples-{name}"
+        log.mkdir()
+        monkeypatch.setenv(SAMPLE_LOG_ENV, str(log))
+        if name == "killed":
+            monkeypatch.setenv(FAULT_ENV, f"1:step=7:{tmp_path / 'worker-exited'}")
+        cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "data.steps_per_epoch=5", "train.epochs=2",
+                   "train.checkpoint_every_steps=2", "ray.max_failures=1", "tracking.enabled=false",
+                   f"ray.name={name}", "data.num_workers=2", "data.shuffle_buffer=16")
+        out = run_training(cfg, register=False)
+        runs[name] = (out, load_checkpoint(out["checkpoint"]), _sample_log(log),
+                      [line for p in sorted(log.glob("*.jsonl")) for line in p.read_text().splitlines()])
+    assert (tmp_path / "worker-exited").exists()  # the worker did die
+    (out0, state0, keys0, lines0), (out1, state1, keys1, lines1) = runs["undisturbed"], runs["killed"]
+    assert state1["loop"]["resumes"] == 1 and state0["loop"]["resumes"] == 0
+    assert state1["loop"]["step"] == state0["loop"]["step"] == 10 and out1["metrics"]["epoch"] == 2.0
+    assert sorted(keys0) == [0, 1] and all(sorted(k) == list(range(1, 11)) for k in keys0.values())
+    assert keys1 == keys0  # every rank, every step: the same samples in the same order
+    # the killed run trained step 7 twice (rank 1 died after it, rank 0 may have gone on to 8), the rest once
+    redone = {7, 8}
+    assert 2 * 10 < len(lines1) <= 2 * 10 + 2 * len(redone) and len(lines0) == 2 * 10
+    for k, v in state0["model"].items():
+        assert torch.allclose(v.float(), state1["model"][k].float(), atol=1e-5), k
+
+
+def test_a_killed_study_resumes_and_does_not_rerun_finished_trials(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
+    """``--resume`` (issue 16): the tune driver, connected to the cluster, is killed (SIGKILL) once the
+    study's saved state holds a finished trial. ``run_tune(..., resume=True)`` restores the study:
+    it ends with every trial, each in one MLflow child run, and no trial that had finished ran again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    from xray_match.tune.tuner import run_tune
+
+    overrides = [f"data.path={tiny_scenes}", "data.steps_per_epoch=3", "data.batch_size=16", "data.eval_batch_size=32",
+                 f"ray.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1",
+                 "moco.teacher_hidden=[128]", "moco.lstm_hidden=128", "train.epochs=1", "tune.trial_epochs=1",
+                 "tune.num_samples=4", "tune.time_budget_s=86400", "ray.name=study", "tracking.register=false"]
+    script = ("import json, sys\nfrom xray_match.config import load_config\nfrom xray_match.tune.tuner import run_tune\n"
+              "run_tune(load_config('moco_cpu', json.loads(sys.argv[1])), 'moco')\n")
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    state_dir = tmp_path / "runs" / "study"
+
+    def finished_trials() -> set[str]:
+        """The trials Tune's saved study state holds as finished (what a restore reads)."""
+        done: set[str] = set()
+        for path in state_dir.glob("experiment_state-*.json"):
+            try:
+                trials = [json.loads(t[0]) for t in json.loads(path.read_text())["trial_data"]]
+            except (OSError, ValueError, KeyError):  # being written
+                continue
+            done |= {t["trial_id"] for t in trials if t["status"] == "TERMINATED"}
+        return done
+
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-c", script, json.dumps(overrides)], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not finished_trials():
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                time.sleep(0.5)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    done_before = finished_trials()
+    assert 1 <= len(done_before) < 4
+
+    out = run_tune(load_config("moco_cpu", overrides), "moco", resume=True)
+    assert out["trials"] == 4 and out["study"] == "study"
+    client = MlflowClient(mlflow_uri)
+    parents = client.search_runs([client.get_run(out["parent_run_id"]).info.experiment_id], "tags.study = 'study' and tags.space = 'moco'")
+    assert [p.info.run_id for p in parents] == [out["parent_run_id"]]  # the study's parent run continued
+    children = client.search_runs([parents[0].info.experiment_id], f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert len(children) == 4 and len({c.data.tags["ray_trial_id"] for c in children}) == 4
+    assert all(c.info.status == "FINISHED" and c.data.metrics.get("val/rsum") is not None for c in children)
+    # the trials that had finished before the kill did not run again; the others ran once more at most
+    attempts = {c.data.tags["ray_trial_id"]: int(c.data.tags["attempts"]) for c in children}
+    assert all(attempts[t] == 1 for t in done_before) and all(a <= 2 for a in attempts.values()), attempts

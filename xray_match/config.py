@@ -92,6 +92,8 @@ class LoopConfig:
     max_eval_samples: int = F(0, ge=0, help="0 = the whole validation split")
     bn_recompute_batches: int = F(0, ge=0, help="before each evaluation and checkpoint, recompute BatchNorm statistics "
                                   "over this many training batches (precise BN); 0 = keep the running averages")
+    checkpoint_every_steps: int = F(0, ge=0, help="also checkpoint every N optimizer steps inside an epoch, with the "
+                                    "data position (a lost worker costs at most N steps); 0 = at each epoch's end only")
 
 
 @dataclass

@@ -51,6 +51,9 @@ def build_parser(description: str, preset: str, tune: bool) -> argparse.Argument
         p.add_argument("--max-concurrent", type=int, help="concurrent trials")
         p.add_argument("--time-budget-s", type=float, help="stop the study after this many seconds")
         p.add_argument("--space", help="registered search space (default: the model's)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted study (--name, else this model's newest) from its storage: "
+                            "finished trials are kept, unfinished ones continue from their checkpoints")
     p.add_argument("--no-test-eval", action="store_true", help="skip evaluating the result on the test split")
     return p
 
@@ -135,7 +138,7 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
     from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
     from xray_match.tune.tuner import run_tune
 
-    out = run_tune(cfg, args.space or space)
+    out = run_tune(cfg, args.space or space, resume=args.resume)
     ckpt = out.get("best_checkpoint")
     if not args.no_test_eval and ckpt:
         out["test"] = evaluate_checkpoint(ckpt, [cfg.data.test_split], storage=run_storage(cfg))

@@ -7,6 +7,15 @@ each pass reshuffles the shard order, a seeded buffer shuffles samples, and the 
 fixed number of steps per epoch. Evaluation streams visit every sample exactly once across all
 ranks and workers, in a fixed order.
 
+A training stream is a function of (seed, epoch, reader slot) alone, and so is every sample's
+augmentation: the transform's random draws (a caption picked, a flip) are seeded from the sample's
+position in its reader's stream (:func:`sample_seed`), not from whichever process or worker
+happens to run it. Each training item carries its position (``"_pos"``: reader slot, raw items
+that reader has taken so far) and its shard key (``"_key"``), which the collate moves onto the
+batch. A checkpoint stores the positions the loop has consumed; ``start`` positions make a new
+stream skip exactly those raw items (read, not decoded), so a run resumed in the middle of an
+epoch sees the samples it would have seen: none repeated, none skipped.
+
 Corrupt input raises :class:`ShardFormatError` naming shard and key. With ``skip_corrupt`` the
 sample is dropped instead, and the count rides on the next good item as ``"_skipped"`` (so it
 survives DataLoader worker processes) for the loop to sum and report.
@@ -14,11 +23,12 @@ survives DataLoader worker processes) for the loop to sum and report.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import tarfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import fsspec
 import numpy as np
@@ -141,6 +151,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         epoch: int = 0,
         skip_corrupt: bool = False,
+        start: dict[int, int] | None = None,
     ):
         if not urls:
             raise ShardFormatError("no shards to read")
@@ -151,6 +162,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed, self.epoch = seed, epoch
         self.skip_corrupt = skip_corrupt
+        self.start = dict(start or {})
 
     def _reader_slot(self) -> tuple[int, int]:
         wi = get_worker_info()
@@ -208,9 +220,13 @@ class ShardStream(IterableDataset):
         source = self._stream()
         if self.train and self.shuffle_buffer > 1:
             source = _buffer_shuffle(source, self.shuffle_buffer, rng)
+        pos = self.start.get(slot, 0) if self.train else 0
+        for _ in range(pos):  # resume: the raw items this reader already gave out (read, not decoded)
+            next(source)
         skipped = 0
         parts = getattr(self.transform, "parts", ALL_PARTS) if self.transform is not None else ALL_PARTS
         for raw in source:
+            pos += 1
             try:
                 if "_error" in raw:
                     raise ShardFormatError(raw["_error"])
@@ -220,11 +236,46 @@ class ShardStream(IterableDataset):
                     raise
                 skipped += 1
                 continue
-            item = self.transform(sample) if self.transform else sample
+            if not self.transform:
+                item = sample
+            elif self.train:
+                with _seeded(sample_seed(self.seed, self.epoch, slot, pos)):
+                    item = self.transform(sample)
+            else:
+                item = self.transform(sample)
             if skipped:
                 item["_skipped"] = skipped
                 skipped = 0
+            if self.train:
+                item["_pos"], item["_key"] = (slot, pos), raw["__key__"]
             yield item
+
+
+def sample_seed(*parts: Any) -> int:
+    """A 63-bit seed that is a function of ``parts`` alone (the same in every process)."""
+    digest = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class _seeded:
+    """Seed python's, numpy's and torch's global generators for one transform call. In a DataLoader
+    worker they belong to the worker; in the main process (``num_workers=0``) their states are put
+    back afterwards, so the model's own random draws do not depend on the data."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.saved = None if get_worker_info() else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            random.setstate(self.saved[0])
+            np.random.set_state(self.saved[1])
+            torch.set_rng_state(self.saved[2])
 
 
 def seeded_rng(*parts: Any) -> random.Random:
@@ -263,17 +314,22 @@ def make_loader(
     epoch: int = 0,
     skip_corrupt: bool = False,
     manifest: Manifest | None = None,
-) -> DataLoader:
-    """A DataLoader over this rank's part of ``split``. Training batches are full (drop_last)."""
+    start: dict[int, int] | None = None,
+    taken: int = 0,
+) -> Iterable[Any]:
+    """A DataLoader over this rank's part of ``split``. Training batches are full (drop_last).
+
+    Resuming a training stream where a checkpoint left it: ``start`` (reader slot -> raw items
+    already taken, from :func:`batch_positions`) and ``taken``, the batches this rank had taken. The
+    DataLoader hands out its workers' batches in turn from worker 0; after ``taken`` batches the
+    next one is worker ``taken % workers``'s, so the stream is rotated to start there."""
     urls = shard_urls(root, split, manifest)
     ds = ShardStream(
         urls, transform, train=train, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-        seed=seed, epoch=epoch, skip_corrupt=skip_corrupt,
+        seed=seed, epoch=epoch, skip_corrupt=skip_corrupt, start=start,
     )
-    # more DataLoader workers than shards per rank would idle (webdataset#392)
-    per_rank = max(1, len(urls) // world_size)
-    workers = min(num_workers, per_rank)
-    return DataLoader(
+    workers = loader_workers(len(urls), world_size, num_workers)
+    loader = DataLoader(
         ds,
         batch_size=batch_size,
         num_workers=workers,
@@ -282,18 +338,66 @@ def make_loader(
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         multiprocessing_context="fork" if workers else None,
+        # its own generator: starting an iterator draws a worker base seed, which must not move the
+        # global RNG the model draws from (a resumed run starts its loader at another moment)
+        generator=torch.Generator().manual_seed(seed),
     )
+    if train and workers > 1 and taken % workers:
+        return _Rotated(loader, workers, taken % workers)
+    return loader
+
+
+def loader_workers(n_shards: int, world_size: int, num_workers: int) -> int:
+    """DataLoader workers per rank: more than the rank's shards would idle (webdataset#392)."""
+    return min(num_workers, max(1, n_shards // world_size))
+
+
+def batch_positions(batch: Any) -> dict[int, int]:
+    """``{reader slot: raw items taken}`` after a training batch (empty for other batches)."""
+    return dict(batch.get("_pos", {})) if isinstance(batch, dict) else {}
+
+
+class _Rotated:
+    """A training DataLoader's batches in worker order ``first, first + 1, ...`` (mod ``workers``)
+    instead of ``0, 1, ...``: each batch's reader slot names its worker; at most ``workers - 1``
+    batches wait."""
+
+    def __init__(self, loader: DataLoader, workers: int, first: int):
+        self.loader, self.workers, self.first = loader, workers, first
+
+    def __iter__(self) -> Iterator[Any]:
+        it = iter(self.loader)
+        waiting: dict[int, list[Any]] = {w: [] for w in range(self.workers)}
+        w = self.first
+        while True:
+            while not waiting[w]:
+                batch = next(it)
+                slot = next(iter(batch_positions(batch)))
+                waiting[slot % self.workers].append(batch)  # slot = rank * workers + worker
+            yield waiting[w].pop(0)
+            w = (w + 1) % self.workers
 
 
 class _CountingCollate:
-    """Moves the items' ``_skipped`` counters onto the batch (dict batches) before collating."""
+    """Moves the items' bookkeeping onto the batch (dict batches) before collating: the
+    ``_skipped`` counters summed, the reader positions as ``{slot: furthest position}`` and the
+    shard keys as a list (``_pos``, ``_keys``; training items only)."""
 
     def __init__(self, collate: Callable[[list[dict[str, Any]]], Any] | None):
         self.collate = collate
 
     def __call__(self, items: list[dict[str, Any]]) -> Any:
-        skipped = sum(int(it.pop("_skipped", 0)) for it in items if isinstance(it, dict))
+        skipped, pos, keys = 0, {}, []
+        for it in items:
+            if isinstance(it, dict):
+                skipped += int(it.pop("_skipped", 0))
+                if "_pos" in it:
+                    slot, n = it.pop("_pos")
+                    pos[slot] = max(n, pos.get(slot, 0))
+                    keys.append(it.pop("_key"))
         batch = self.collate(items) if self.collate else items
         if isinstance(batch, dict):
             batch["_skipped"] = skipped
+            if pos:
+                batch["_pos"], batch["_keys"] = pos, keys
         return batch

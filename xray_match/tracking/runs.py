@@ -66,9 +66,20 @@ def log_texts(uri: str, run_id: str | None, files: dict[str, str], artifact_path
 
 def start_trial_run(study: dict[str, Any], run_name: str, tags: dict[str, str]) -> dict[str, Any]:
     """Inside a Tune trial: a child run of the study's parent (``study`` is
-    :meth:`TrackingSession.study_spec`); returns the spec the trial's workers log with."""
-    run = client(study["tracking_uri"]).create_run(
-        study["experiment_id"], run_name=run_name, tags={"mlflow.parentRunId": study["parent_run_id"]} | tags)
+    :meth:`TrackingSession.study_spec`); returns the spec the trial's workers log with. A trial
+    that runs again (a resumed study, a retried trial) continues its earlier child run, found by
+    ``tags``; the run's ``attempts`` tag counts the starts."""
+    c = client(study["tracking_uri"])
+    where = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()]
+                         + [f"tags.mlflow.parentRunId = '{study['parent_run_id']}'"])
+    earlier = c.search_runs([study["experiment_id"]], where, max_results=1)
+    if earlier:
+        run_id = earlier[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        c.set_tag(run_id, "attempts", str(int(earlier[0].data.tags.get("attempts", "1")) + 1))
+        return {"tracking_uri": study["tracking_uri"], "run_id": run_id}
+    run = c.create_run(study["experiment_id"], run_name=run_name,
+                       tags={"mlflow.parentRunId": study["parent_run_id"], "attempts": "1"} | tags)
     return {"tracking_uri": study["tracking_uri"], "run_id": run.info.run_id}
 
 
@@ -133,8 +144,23 @@ class TrackingSession:
 
     def find_child_run(self, parent_run_id: str, tags: dict[str, str]) -> str | None:
         """The first child run of ``parent_run_id`` carrying ``tags``."""
-        where = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()] + [f"tags.mlflow.parentRunId = '{parent_run_id}'"])
-        runs = self.client.search_runs([self.experiment_id], where)
+        return self.find_run(tags | {"mlflow.parentRunId": parent_run_id})
+
+    def end_trial_runs(self, parent_run_id: str | None, statuses: dict[str, str]) -> None:
+        """Set each Tune trial's child run (by ``ray_trial_id``) to its final status."""
+        if not (self.enabled and parent_run_id):
+            return
+        for trial_id, status in statuses.items():
+            run_id = self.find_child_run(parent_run_id, {"ray_trial_id": trial_id})
+            if run_id:
+                self.client.set_terminated(run_id, status)
+
+    def find_run(self, tags: dict[str, str]) -> str | None:
+        """The newest run of the experiment carrying ``tags`` (None when tracking is off or none does)."""
+        if not self.enabled:
+            return None
+        where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], where, order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
 
     def register(self, checkpoint: Any, run_id: str, metrics: dict[str, Any], info: Any, *,

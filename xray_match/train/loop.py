@@ -1,9 +1,15 @@
 """The training loop: plain PyTorch, shared by every method, no Ray inside.
 
 :func:`run` drives epochs of a fixed number of steps over an endless shard stream, evaluates on
-the whole validation split, and hands each epoch's metrics and a checkpoint-state callable to a
-``report`` function. :mod:`xray_match.train.worker` passes Ray Train's prepare/report; the
-benchmarks and tests call it directly with world size 1.
+the whole validation split, and hands each epoch's metrics and the trainer to a ``report``
+function; with ``train.checkpoint_every_steps`` it also hands the trainer to a ``save`` function
+every N steps inside an epoch. :mod:`xray_match.train.worker` passes Ray Train's prepare/report;
+the benchmarks and tests call it directly with world size 1.
+
+Resuming in the middle of an epoch is exact: the checkpoint holds the epoch's step, its partial
+metric sums, every rank's RNG state and every reader's data position
+(:mod:`xray_match.data.reader`), so the resumed run takes the same batches, in the same order,
+with the same augmentations, as a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import torch
 from torch import nn
 
 from xray_match.config import Config
-from xray_match.data.reader import make_loader
-from xray_match.distributed import all_reduce_mean
+from xray_match.data.reader import batch_positions, make_loader
+from xray_match.distributed import all_gather_objects, all_reduce_mean
 from xray_match.registry import RECIPES
 from xray_match.train.recipe import DataInfo, EvalContext, Recipe, move_to, unwrap
 
@@ -35,6 +41,13 @@ class LoopState:
     skipped: int = 0  # corrupt samples skipped (skip mode)
     resumes: int = 0  # times this run continued from a checkpoint (worker failure or a re-run)
     history: list[dict[str, float]] = field(default_factory=list)
+    # inside an epoch (a step checkpoint): steps done in it, its metric sums and samples so far, and
+    # the data position of every reader ({slot: raw items taken}) for a world of data_world ranks
+    epoch_step: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_seen: int = 0
+    data_pos: dict[int, int] = field(default_factory=dict)
+    data_world: int = 0
 
 
 def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
@@ -121,6 +134,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.train.epochs)
         self.autocast = autocast_for(cfg, self.device)
         self.state = LoopState()
+        self.rank_rng: list[Any] = []  # every rank's RNG state, gathered by sync_resume_state
+        self._rank_pos: dict[int, int] = {}  # this rank's readers' positions in the current epoch
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -131,6 +146,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "loop": vars(self.state),
             "rng": rng_state(),
+            "rank_rng": self.rank_rng,
             "config": self.cfg.to_dict(),
             "info": vars(self.info),
             "recipe": self.cfg.model.name,
@@ -142,27 +158,63 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         self.scheduler.load_state_dict(s["scheduler"])
         self.state = LoopState(**s["loop"])
-        if self.rank == 0 and "rng" in s:
+        ranks = s.get("rank_rng") or []
+        if len(ranks) == self.world_size:
+            set_rng_state(ranks[self.rank])
+        elif self.rank == 0 and "rng" in s:
             set_rng_state(s["rng"])
-        else:  # other ranks: distinct but reproducible streams
-            seed_everything(self.cfg.train.seed + self.rank + 1000 * self.state.epoch)
+        else:  # other ranks of an older checkpoint or another world size: distinct, reproducible streams
+            seed_everything(self.cfg.train.seed + self.rank + 1000 * self.state.epoch + self.state.step)
+        if self.state.epoch_step and self.state.data_world != self.world_size:
+            self.log(f"warning: the checkpoint's data position is for {self.state.data_world} ranks, this run has "
+                     f"{self.world_size}: the rest of epoch {self.state.epoch + 1} reads a fresh order")
+            self.state.data_pos = {}
+
+    def sync_resume_state(self) -> None:
+        """Collective (every rank calls it): gather every rank's data position and RNG state, so
+        that rank 0's :meth:`state_dict` can resume all of them."""
+        mine = self._rank_pos if self.state.epoch_step else {}  # at an epoch's end the next one starts afresh
+        gathered = all_gather_objects([(mine, rng_state())])
+        self.state.data_pos = {slot: n for pos, _ in gathered for slot, n in pos.items()}
+        self.state.data_world = self.world_size
+        self.rank_rng = [rng for _, rng in gathered]
 
     # ------------------------------------------------------------------ data
-    def loader(self, split: str, train: bool, epoch: int = 0) -> Iterable[dict[str, Any]]:
-        return split_loader(self.recipe, split, train, rank=self.rank, world_size=self.world_size, epoch=epoch)
+    def loader(self, split: str, train: bool, epoch: int = 0, start: dict[int, int] | None = None,
+               taken: int = 0) -> Iterable[dict[str, Any]]:
+        return split_loader(self.recipe, split, train, rank=self.rank, world_size=self.world_size, epoch=epoch,
+                            start=start, taken=taken)
 
     # ------------------------------------------------------------------ loop body
-    def train_epoch(self, batches: Iterable[dict[str, Any]] | None = None) -> dict[str, float]:
-        """``steps_per_epoch`` optimizer steps; returns the epoch's mean of every logged scalar."""
+    def train_epoch(self, batches: Iterable[dict[str, Any]] | None = None, *,
+                    save: Callable[["Trainer"], None] | None = None,
+                    on_step: Callable[["Trainer", list[str]], None] | None = None) -> dict[str, float]:
+        """The epoch's remaining optimizer steps (all ``steps_per_epoch`` of them, unless a step
+        checkpoint resumed it half-way); returns the epoch's mean of every logged scalar.
+
+        ``on_step(trainer, keys)`` runs after every step with the shard keys the step trained on;
+        ``save(trainer)`` every ``train.checkpoint_every_steps`` steps (not at the epoch's last step,
+        which the caller checkpoints), after :meth:`sync_resume_state` on every rank."""
         self.model.train()
         self.loss_fn.train()
-        batches = batches if batches is not None else self.loader(self.cfg.data.train_split, True, self.state.epoch)
-        sums: dict[str, float] = {}
-        t0, seen = time.perf_counter(), 0
+        st = self.state
+        every = self.cfg.train.checkpoint_every_steps
+        if batches is None:
+            # this rank's readers only: a resumed epoch skips what the checkpoint's readers had taken
+            batches = self.loader(self.cfg.data.train_split, True, st.epoch, start=dict(st.data_pos),
+                                  taken=st.epoch_step if st.data_pos else 0)
+        self._rank_pos: dict[int, int] = {}
+        sums, seen = dict(st.epoch_sums), st.epoch_seen
+        t0, seen_here = time.perf_counter(), 0
         it = iter(batches)
-        for i in range(self.steps_per_epoch):
+        for i in range(st.epoch_step, self.steps_per_epoch):
             batch = next(it)
-            self.state.skipped += int(batch.pop("_skipped", 0)) if isinstance(batch, dict) else 0
+            keys: list[str] = []
+            if isinstance(batch, dict):
+                self.state.skipped += int(batch.pop("_skipped", 0))
+                self._rank_pos |= batch_positions(batch)
+                batch.pop("_pos", None)
+                keys = batch.pop("_keys", [])
             batch = move_to(batch, self.device)
             with self.autocast():
                 outputs = self.recipe.forward(self.model, batch)
@@ -175,18 +227,26 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.recipe.after_step(self.model, self.loss_fn, outputs, batch)
-            self.state.step += 1
-            seen += _batch_size(batch)
+            st.step += 1
+            n = _batch_size(batch)
+            seen, seen_here = seen + n, seen_here + n
             logged = {"loss": float(loss.detach())} | {k: float(v.detach()) for k, v in losses.items()}
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
             if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == self.steps_per_epoch:
-                rate = seen * self.world_size / (time.perf_counter() - t0)
-                self.log(f"epoch {self.state.epoch + 1} step {i + 1}/{self.steps_per_epoch} "
+                rate = seen_here * self.world_size / (time.perf_counter() - t0)
+                self.log(f"epoch {st.epoch + 1} step {i + 1}/{self.steps_per_epoch} "
                          f"loss {logged['loss']:.4f} lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.1f} samples/s")
+            if on_step:
+                on_step(self, keys)
+            if save and every and st.step % every == 0 and i + 1 < self.steps_per_epoch:
+                st.epoch_step, st.epoch_sums, st.epoch_seen = i + 1, dict(sums), seen
+                self.sync_resume_state()
+                save(self)
         del it
+        st.epoch_step, st.epoch_sums, st.epoch_seen, st.data_pos = 0, {}, 0, {}
         out = {f"train/{k}": all_reduce_mean(v / self.steps_per_epoch, self.device) for k, v in sums.items()}
-        out["train/samples_per_s"] = seen * self.world_size / (time.perf_counter() - t0)
+        out["train/samples_per_s"] = seen_here * self.world_size / max(time.perf_counter() - t0, 1e-9)
         out["train/skipped"] = float(self.state.skipped)
         return out
 
@@ -231,14 +291,14 @@ class Trainer:
 
 
 def split_loader(recipe: Recipe, split: str, train: bool, *, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0) -> Iterable[dict[str, Any]]:
+                 epoch: int = 0, start: dict[int, int] | None = None, taken: int = 0) -> Iterable[dict[str, Any]]:
     """Batches of ``split`` for this rank through the recipe's transform and collate."""
     cfg, d = recipe.cfg, recipe.cfg.data
     return make_loader(
         recipe.info.root, split, recipe.transform(train), recipe.collate,
         batch_size=d.batch_size if train else d.eval_batch_size, train=train, rank=rank,
         world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-        seed=cfg.train.seed, epoch=epoch, skip_corrupt=d.skip_corrupt,
+        seed=cfg.train.seed, epoch=epoch, skip_corrupt=d.skip_corrupt, start=start, taken=taken,
     )
 
 
@@ -269,17 +329,21 @@ def run(cfg: Config, info: DataInfo, *, rank: int = 0, world_size: int = 1, devi
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
         start_state: dict[str, Any] | None = None,
         report: Callable[[dict[str, float], Trainer, list[str]], None] | None = None,
+        save: Callable[[Trainer], None] | None = None,
+        on_step: Callable[[Trainer, list[str]], None] | None = None,
         log: Callable[[str], None] = print) -> Trainer:
-    """Train ``cfg.train.epochs`` epochs (continuing from ``start_state``), evaluating after each."""
+    """Train ``cfg.train.epochs`` epochs (continuing from ``start_state``), evaluating after each;
+    ``save`` and ``on_step`` as in :meth:`Trainer.train_epoch`."""
     trainer = Trainer(cfg, info, rank=rank, world_size=world_size, device=device, wrap_model=wrap_model, log=log)
     if start_state is not None:
         trainer.load_state_dict(start_state)
         trainer.state.resumes += 1
-        trainer.log(f"resumed at epoch {trainer.state.epoch} (step {trainer.state.step})")
+        within = f", step {trainer.state.epoch_step} of epoch {trainer.state.epoch + 1}" if trainer.state.epoch_step else ""
+        trainer.log(f"resumed at epoch {trainer.state.epoch} (step {trainer.state.step}{within})")
     with tempfile.TemporaryDirectory(prefix="xray-eval-") as out_dir:
         while trainer.state.epoch < cfg.train.epochs:
             t0 = time.perf_counter()
-            metrics = trainer.train_epoch()
+            metrics = trainer.train_epoch(save=save, on_step=on_step)
             trainer.recompute_bn_stats(cfg.train.bn_recompute_batches)
             trainer.state.epoch += 1
             epoch_dir = os.path.join(out_dir, f"epoch{trainer.state.epoch:03d}")
@@ -291,5 +355,6 @@ def run(cfg: Config, info: DataInfo, *, rank: int = 0, world_size: int = 1, devi
             trainer.log(f"epoch {trainer.state.epoch}: " + " ".join(
                 f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val/")))
             if report:
+                trainer.sync_resume_state()
                 report(metrics, trainer, artifacts)
     return trainer

@@ -3,13 +3,15 @@ reading a stored checkpoint folder is :mod:`xray_match.train.checkpoint`).
 
 ``run_training(cfg)`` prepares the data on the driver, starts a TorchTrainer whose workers run
 the shared loop (:mod:`xray_match.train.loop`) with DDP through ``prepare_model``, reports every
-epoch with a checkpoint from rank 0, logs to MLflow from rank 0, and resumes automatically: from
-the latest checkpoint after a worker failure (FailureConfig), and from the run's storage when the
-same ``ray.name`` is started again.
+epoch with a checkpoint from rank 0 (and, with ``train.checkpoint_every_steps``, a checkpoint
+every N steps inside an epoch, reported with :data:`STEP_REPORT` set and no validation metrics),
+logs to MLflow from rank 0, and resumes automatically: from the latest checkpoint after a worker
+failure (FailureConfig), and from the run's storage when the same ``ray.name`` is started again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -35,10 +37,16 @@ def _log(line: str) -> None:
     else:  # logging not set up for INFO here (Train's logging switched off): print instead
         print(f"[xray_match] {line}", flush=True)
 
-#: fault injection for tests of FailureConfig: "RANK:EPOCH:MARKER" makes worker RANK exit hard once
-#: (when MARKER does not exist yet; it is then created) after training epoch EPOCH, before reporting it:
-#: the run's latest checkpoint is then that of epoch EPOCH - 1
+#: fault injection for tests of FailureConfig: "RANK:epoch=E:MARKER" makes worker RANK exit hard once
+#: (when MARKER does not exist yet; it is then created) after training epoch E, before reporting it
+#: (the run's latest checkpoint is then that of epoch E - 1); "RANK:step=S:MARKER" after optimizer
+#: step S, before any checkpoint of that step
 FAULT_ENV = "XRAY_MATCH_INJECT_WORKER_EXIT"
+#: audit trail: a folder where every rank appends one JSON line per optimizer step,
+#: ``{"step", "rank", "keys"}`` (the shard keys it trained on), to ``samples-rank<R>.jsonl``
+SAMPLE_LOG_ENV = "XRAY_MATCH_SAMPLE_LOG"
+#: the key a step checkpoint's report carries (value 1.0); epoch reports do not have it
+STEP_REPORT = "step_checkpoint"
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -64,9 +72,9 @@ def train_func(config: dict[str, Any]) -> None:
     if start is None:
         logger.start(cfg, RECIPES.get(cfg.model.name).section)
 
-    def report(metrics: dict[str, float], trainer, artifacts: list[str]) -> None:
-        _maybe_exit(config.get("fault"), rank, int(metrics["epoch"]))
-        logger.log_epoch(metrics, int(metrics["epoch"]), artifacts)
+    fault, sample_log = config.get("fault"), config.get("sample_log")
+
+    def checkpoint_report(metrics: dict[str, float], trainer) -> None:
         with tempfile.TemporaryDirectory(prefix="xray-ckpt-") as d:
             checkpoint = None
             if rank == 0:
@@ -74,21 +82,36 @@ def train_func(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
+    def report(metrics: dict[str, float], trainer, artifacts: list[str]) -> None:
+        _maybe_exit(fault, rank, "epoch", int(metrics["epoch"]))
+        logger.log_epoch(metrics, int(metrics["epoch"]), artifacts)
+        checkpoint_report(metrics, trainer)
+
+    def save(trainer) -> None:
+        st = trainer.state
+        checkpoint_report({"epoch": float(st.epoch), "step": float(st.step), STEP_REPORT: 1.0}, trainer)
+
+    def on_step(trainer, keys: list[str]) -> None:
+        if sample_log:
+            with open(os.path.join(sample_log, f"samples-rank{rank}.jsonl"), "a") as fh:
+                fh.write(json.dumps({"step": trainer.state.step, "rank": rank, "keys": keys}) + "\n")
+        _maybe_exit(fault, rank, "step", trainer.state.step)
+
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
         # find_unused_parameters: momentum/key branches and frozen encoders hold no gradients
         return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
             if any(p.requires_grad for p in model.parameters()) else model
 
     run(cfg, info, rank=rank, world_size=world, device=device, wrap_model=wrap, start_state=start,
-        report=report, log=_log)
+        report=report, save=save, on_step=on_step if (fault or sample_log) else None, log=_log)
     logger.end()
 
 
-def _maybe_exit(fault: str | None, rank: int, epoch: int) -> None:
+def _maybe_exit(fault: str | None, rank: int, unit: str, count: int) -> None:
     if not fault:
         return
-    r, e, marker = fault.split(":", 2)
-    if (int(r), int(e)) == (rank, epoch) and not os.path.exists(marker):
+    r, when, marker = fault.split(":", 2)
+    if (int(r), when) == (rank, f"{unit}={count}") and not os.path.exists(marker):
         open(marker, "w").close()
         # Train V2's controller collects reports when it polls the workers (every 2 s by default); a
         # worker lost before that poll takes the previous epoch's report with it. Wait two polls, so
@@ -109,7 +132,7 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
     return TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow,
-                           "fault": os.environ.get(FAULT_ENV)},
+                           "fault": os.environ.get(FAULT_ENV), "sample_log": os.environ.get(SAMPLE_LOG_ENV)},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(

@@ -4,6 +4,12 @@ Train V2 refuses a TorchTrainer inside ``Tuner``; each trial is therefore a func
 that builds and fits a TorchTrainer whose ``TuneReportCallback`` forwards every epoch's report
 (and checkpoint path) to Tune. MLflow: one parent run per study, one child run per trial (logged
 by the trial's rank-0 worker); the best trial's checkpoint is registered with alias champion.
+
+A study killed part-way (the driver lost, a preemptible head node) continues with ``resume=True``
+(``--resume``): Tune restores the study from its storage, trials that finished are not run again,
+and an unfinished trial's TorchTrainer continues from its own latest checkpoint (a step checkpoint
+with ``train.checkpoint_every_steps``), logging into the same MLflow child run. Restoring reads
+Tune's experiment state, which Tune pickles: resume only studies your own runs wrote.
 """
 
 from __future__ import annotations
@@ -80,11 +86,27 @@ def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
     return point
 
 
+def epoch_report_callback() -> Any:
+    """A ``TuneReportCallback`` that forwards epoch reports only: a step checkpoint's report
+    (:data:`~xray_match.train.worker.STEP_REPORT`) has no validation metric for the searcher and
+    scheduler, and the TorchTrainer resumes from it by itself."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from xray_match.train.worker import STEP_REPORT
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and metrics[0].get(STEP_REPORT):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportCallback()
+
+
 def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], tracking: dict[str, Any] | None,
            study: str) -> None:
     """One Tune trial: merge the sampled values, start a child MLflow run, fit a TorchTrainer."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from xray_match.tracking.runs import end_run, start_trial_run
     from xray_match.train.worker import build_trainer
@@ -98,7 +120,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], t
                                       {"ray_trial_id": trial_id, "study": study, "model": cfg.model.name})
     status = "FAILED"
     try:
-        build_trainer(cfg, DataInfo(**info), mlflow=mlflow_spec, callbacks=[TuneReportCallback()]).fit()
+        build_trainer(cfg, DataInfo(**info), mlflow=mlflow_spec, callbacks=[epoch_report_callback()]).fit()
         status = "FINISHED"
     finally:
         end_run(mlflow_spec, status)
@@ -120,8 +142,23 @@ def fit_local_resources(cfg: Config, concurrent: int) -> Config:
     return cfg
 
 
-def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = None) -> dict[str, Any]:
-    """Run a study; returns the best trial's metrics and config, and the registered version."""
+def latest_study(root: str, model: str) -> str | None:
+    """The newest ``tune-<model>-<timestamp>`` study folder under a storage root (local or URL)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        return None
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    names = [n for n in names if n.startswith(f"tune-{model}-")]
+    return names[-1] if names else None
+
+
+def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = None,
+             resume: bool = False) -> dict[str, Any]:
+    """Run a study, or continue an interrupted one (``resume``: the study ``ray.name``, else the
+    newest of this model under the storage path); returns the best trial's metrics and config, and
+    the registered version."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -144,42 +181,59 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
     metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
     mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
-    study = cfg.ray.name or f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = run_storage(cfg)
+    if resume:
+        study = cfg.ray.name or latest_study(storage.root, cfg.model.name) or ""
+        if not study or not tune.Tuner.can_restore(storage.join(study)):
+            raise ConfigError(f"--resume: no interrupted study {study or f'tune-{cfg.model.name}-*'!r} "
+                              f"under {storage.root} (name one with --name)")
+        print(f"[xray_match] resuming study {storage.join(study)}", flush=True)
+    else:
+        study = cfg.ray.name or f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     session = TrackingSession(cfg)
-    storage = run_storage(cfg)
-    parent = session.start_run(study, tags={"study": study, "space": space_name})
-    session.log_params(parent, {"space": space_name, "model": cfg.model.name}
-                       | {f"space.{k}": str(v)[:500] for k, v in search_space.items()})
+    parent = session.find_run({"study": study, "space": space_name}) if resume else None  # the parent, not a trial
+    if parent is None:
+        parent = session.start_run(study, tags={"study": study, "space": space_name})
+        session.log_params(parent, {"space": space_name, "model": cfg.model.name}
+                           | {f"space.{k}": str(v)[:500] for k, v in search_space.items()})
 
     grid = is_grid(search_space)
-    if grid:
-        search_alg, scheduler = None, FIFOScheduler()
-    else:
-        first = default_point(cfg, search_space)
-        search_alg = ConcurrencyLimiter(
-            OptunaSearch(seed=cfg.tune.seed, points_to_evaluate=[encode_keys(first)] if first else None),
-            max_concurrent=cfg.tune.max_concurrent)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                  grace_period=min(cfg.tune.grace_period, cfg.train.epochs))
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg.to_dict(), info=vars(info), tracking=session.study_spec(parent),
                              study=study),
         {"CPU": TRIAL_CPU},
     )
-    tuner = tune.Tuner(
-        trainable,
-        param_space=encode_keys(search_space),
-        tune_config=tune.TuneConfig(
-            metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
-            num_samples=1 if grid else cfg.tune.num_samples,
-            max_concurrent_trials=cfg.tune.max_concurrent, time_budget_s=cfg.tune.time_budget_s,
-            trial_name_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
-            trial_dirname_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
-        ),
-        run_config=tune.RunConfig(name=study, storage_path=storage.root, verbose=1),
-    )
+    if resume:  # the searcher, the scheduler and the finished trials come back from the study's own state
+        tuner = tune.Tuner.restore(storage.join(study), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=encode_keys(search_space))
+    else:
+        if grid:
+            search_alg, scheduler = None, FIFOScheduler()
+        else:
+            first = default_point(cfg, search_space)
+            search_alg = ConcurrencyLimiter(
+                OptunaSearch(seed=cfg.tune.seed, points_to_evaluate=[encode_keys(first)] if first else None),
+                max_concurrent=cfg.tune.max_concurrent)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                      grace_period=min(cfg.tune.grace_period, cfg.train.epochs))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=encode_keys(search_space),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
+                num_samples=1 if grid else cfg.tune.num_samples,
+                max_concurrent_trials=cfg.tune.max_concurrent, time_budget_s=cfg.tune.time_budget_s,
+                trial_name_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
+                trial_dirname_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(name=study, storage_path=storage.root, verbose=1),
+        )
     results = tuner.fit()
+    # Tune stops a trial's actor once its last result is in, often before the trial's own
+    # end_run runs: each trial's child run gets its final status here, from Tune's verdict
+    session.end_trial_runs(parent, {str(r.metrics["trial_id"]): "FAILED" if r.error else "FINISHED"
+                                    for r in results if r.metrics and "trial_id" in r.metrics})
     out: dict[str, Any] = {"study": study, "parent_run_id": parent, "trials": len(results),
                            "storage": storage.join(study), "tracking_uri": session.uri}
     try:
