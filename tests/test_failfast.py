@@ -16,9 +16,9 @@ from xray_match.preflight import PreflightError, check_data, check_tracking
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _job(*argv: str, home: str) -> subprocess.CompletedProcess:
+def _job(*argv: str, home: str, job: str = "train_moco.py") -> subprocess.CompletedProcess:
     env = dict(os.environ, XRAY_MATCH_HOME=home, MLFLOW_TRACKING_URI="")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "train_moco.py"), *argv], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", job), *argv], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -51,6 +51,14 @@ def test_missing_data_folder_and_folder_without_manifest(tmp_path):
 
 def test_bad_override_is_one_config_line(tmp_path):
     _one_error_line(_job("optim.lr=-1", home=str(tmp_path)), "error: config: ", "optim.lr")
+
+
+def test_resume_without_a_study_fails_before_ray(tiny_scenes, tmp_path):
+    out = _job("--resume", "--data", tiny_scenes, home=str(tmp_path), job="tune_moco.py")
+    _one_error_line(out, "--resume: no interrupted study 'tune-moco-*'", str(tmp_path / "runs"))
+    out = _job("--resume", "--name", "nope", "--data", tiny_scenes, home=str(tmp_path), job="tune_moco.py")
+    _one_error_line(out, "'nope'")
+    assert not (tmp_path / "runs").exists()  # Ray never started
 
 
 class _Answer(BaseHTTPRequestHandler):

@@ -176,11 +176,6 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     check_space(cfg, search_space)
     if cfg.tune.trial_epochs:
         cfg = cfg.with_overrides({"train.epochs": cfg.tune.trial_epochs})
-    info = info or prepare_info(cfg)
-    ensure_ray()
-    cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
-    metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
-    mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
     storage = run_storage(cfg)
     if resume:
         study = cfg.ray.name or latest_study(storage.root, cfg.model.name) or ""
@@ -190,6 +185,11 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
         print(f"[xray_match] resuming study {storage.join(study)}", flush=True)
     else:
         study = cfg.ray.name or f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    info = info or prepare_info(cfg)
+    ensure_ray()
+    cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
+    metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
+    mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
 
     session = TrackingSession(cfg)
     parent = session.find_run({"study": study, "space": space_name}) if resume else None  # the parent, not a trial
