@@ -278,7 +278,8 @@ class Trainer:
                 if i == n_batches:
                     break
                 if isinstance(batch, dict):
-                    batch.pop("_skipped", None)
+                    for k in ("_skipped", "_pos", "_keys"):
+                        batch.pop(k, None)
                 self.recipe.forward(net, move_to(batch, self.device))
         for m, mom in zip(norms, saved):
             m.momentum = mom
