@@ -119,7 +119,7 @@ class SearchService:
             self._stop.set()
 
     # ---- batched search -------------------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _texts(self, queries: list[tuple[str, int]]) -> list[dict[str, Any]]:
         searcher = self.searcher
         k = max(k for _, k in queries)
@@ -127,7 +127,7 @@ class SearchService:
         return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
                 for h, (_, ki) in zip(hits, queries)]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _images(self, queries: list[tuple[Any, int]]) -> list[dict[str, Any]]:
         searcher = self.searcher
         k = max(k for _, k in queries)

@@ -41,7 +41,9 @@ class ServeConfig:
     top_k: int = F(10, ge=1, help="results per query unless the request asks otherwise")
     max_top_k: int = F(100, ge=1, help="the largest k a request may ask for")
     max_batch_size: int = F(16, ge=1, help="@serve.batch: queries embedded and searched together")
-    batch_wait_timeout_s: float = F(0.005, ge=0, help="@serve.batch: how long a batch waits to fill")
+    batch_wait_timeout_s: float = F(0.0, ge=0, help="@serve.batch: how long a batch waits to fill; 0 = take what is "
+                                    "queued (under load queries queue during a search, so batches still form: "
+                                    "p50 29.7 vs 36.2 ms, 128 vs 109 qps against 5 ms, docs/serving.md)")
     min_replicas: int = F(1, ge=0)
     max_replicas: int = F(2, ge=1)
     target_ongoing_requests: float = F(8.0, gt=0, help="autoscaling target per replica")
