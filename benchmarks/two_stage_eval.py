@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", default="5,10,20,50", help="shortlist sizes to compare")
     p.add_argument("--report-k", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("overrides", nargs="*", help="config overrides for training (data.path=..., ...)")
+    p.add_argument("overrides", nargs="*", help="config overrides for training and for evaluating the checkpoint "
+                                                "(data.path=..., rdan.eval_cell_budget=...)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = a.checkpoint or train(a.train_epochs, a.overrides, str(xray_home() / "runs" / "two_stage_rdan"))
     print(f"checkpoint: {ckpt}")
     state = load_checkpoint(ckpt)  # the project's checkpoint loader (config and vocabulary ride along)
-    cfg = Config.from_dict(state["config"]).with_overrides(["data.num_workers=0"])
+    cfg = Config.from_dict(state["config"]).with_overrides(["data.num_workers=0", *a.overrides])
     trainer = Trainer(cfg, DataInfo(**state["info"]), log=lambda s: None)
     trainer.model.load_state_dict(state["model"])
     trainer.model.eval()

@@ -76,13 +76,18 @@ def _check_inputs(images: torch.Tensor, captions: torch.Tensor,
 def _caption_words(captions: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor, ln: torch.Tensor,
                    n_max: int) -> torch.Tensor:
     """Captions ``idx`` (with lengths ``ln``) as (len(idx), n_max, D), zero beyond each length, from
-    padded captions or packed words (``offsets``: each caption's first word), on the captions' device."""
+    padded captions or packed words (``offsets``: each caption's first word), on the captions' device.
+
+    Rows are copied with ``index_select`` (several times faster than advanced indexing on the CPU),
+    and the padding is zeroed only where there is some: a shortlist's pairs gather one row per pair.
+    """
     if captions.dim() == 3:
-        return captions[idx.to(captions.device), :n_max]
+        return captions.index_select(0, idx.to(captions.device))[:, :n_max]
     pos = torch.arange(n_max).view(1, -1)
     valid = pos < ln.view(-1, 1)
     word = (offsets[idx].view(-1, 1) + pos).clamp_max(captions.shape[0] - 1)
-    return captions[word.to(captions.device)] * valid.to(captions.device).unsqueeze(-1).to(captions.dtype)
+    e = captions.index_select(0, word.view(-1).to(captions.device)).view(len(idx), n_max, captions.shape[1])
+    return e if bool(valid.all()) else e * valid.to(captions.device).unsqueeze(-1).to(captions.dtype)
 
 
 @torch.no_grad()
@@ -183,7 +188,7 @@ def score_pairs(
         n = int(lengths[caption_idx[group[0]]])
         for block in group.split(max(1, cell_budget // (k * n))):
             c = caption_idx[block]
-            v = images[image_idx[block].to(images.device)].to(device, non_blocking=True)  # (b, k, D)
+            v = images.index_select(0, image_idx[block].to(images.device)).to(device, non_blocking=True)  # (b, k, D)
             e = _caption_words(captions, offsets, c, lengths[c], n).to(device, non_blocking=True)  # (b, n, D)
             out[block.to(device)] = paired_scores(v, e, lengths[c].to(device)).float()
     return out
