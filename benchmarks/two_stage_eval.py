@@ -3,8 +3,10 @@
 Exact evaluation scores every test image against every test caption with the cross-attention
 model (1,000 x 5,000 pairs). Two-stage (``rdan.rerank_top_k``, :mod:`xray_match.metrics.two_stage`)
 shortlists each image's K captions and each caption's K images by the model's pooled region/word
-features and reranks only those exactly. Both rank the same encoded test split; printed per K:
-seconds, pairs scored, rsum and its loss against exact, speed-up.
+features and reranks only those exactly, batched (:func:`xray_match.metrics.xattn.score_pairs`).
+All rank the same encoded test split; printed per K: seconds, pairs scored, seconds per pair, rsum
+and its loss against exact, speed-up; then how much of the exact top-1/5/10 and of the ground truth
+each shortlist holds. "pooled only" ranks by the shortlist's similarity alone.
 
     uv run python benchmarks/two_stage_eval.py --checkpoint RUN/checkpoint_xxx   # a trained RDAN
     uv run python benchmarks/two_stage_eval.py --train-epochs 5                  # train one here first
@@ -44,6 +46,23 @@ def train(epochs: int, overrides: list[str], out: str) -> str:
     return out
 
 
+def shortlist_recall(mask: torch.Tensor, exact: torch.Tensor, caption_image: torch.Tensor) -> dict[str, float]:
+    """How much of what the exact ranking needs the shortlist ``mask`` (N_i, N_c) holds, in percent:
+    each image's exact top-m captions ("i2t topm") and each caption's exact top-m images ("t2i topm"),
+    and the ground truth ("i2t gt": images with at least one of their captions inside, "t2i gt":
+    captions with their image inside). A ground-truth pair outside the shortlist is what costs
+    recall; exact neighbours left outside can only move the truth up."""
+    out = {}
+    for d, m_, s_ in (("i2t", mask, exact), ("t2i", mask.T, exact.T)):
+        for m in (1, 5, 10):
+            out[f"{d} top{m}"] = 100.0 * m_.gather(1, s_.topk(m, dim=1).indices).float().mean().item()
+    gt = mask[caption_image, torch.arange(len(caption_image))]  # (N_c,) the caption's image shortlisted
+    hit = torch.zeros(mask.shape[0], dtype=torch.bool)
+    hit[caption_image[gt]] = True
+    out["i2t gt"], out["t2i gt"] = 100.0 * hit.float().mean().item(), 100.0 * gt.float().mean().item()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="a trained RDAN checkpoint folder (default: train one with --train-epochs)")
@@ -51,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", default="5,10,20,50", help="shortlist sizes to compare")
     p.add_argument("--report-k", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("overrides", nargs="*", help="config overrides for training (data.path=..., ...)")
+    p.add_argument("overrides", nargs="*", help="config overrides for training and for evaluating the checkpoint "
+                                                "(data.path=..., rdan.eval_cell_budget=...)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
     from xray_match.config import Config
     from xray_match.metrics.retrieval import ranks_i2t, ranks_t2i, summarize
-    from xray_match.metrics.two_stage import pooled_embeddings, two_stage_scores
+    from xray_match.metrics.two_stage import pooled_embeddings, shortlist, two_stage_scores
     from xray_match.metrics.xattn import score_all_pairs
     from xray_match.train.loop import Trainer
     from xray_match.train.recipe import DataInfo, EvalContext, unwrap
@@ -68,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = a.checkpoint or train(a.train_epochs, a.overrides, str(xray_home() / "runs" / "two_stage_rdan"))
     print(f"checkpoint: {ckpt}")
     state = load_checkpoint(ckpt)  # the project's checkpoint loader (config and vocabulary ride along)
-    cfg = Config.from_dict(state["config"]).with_overrides(["data.num_workers=0"])
+    cfg = Config.from_dict(state["config"]).with_overrides(["data.num_workers=0", *a.overrides])
     trainer = Trainer(cfg, DataInfo(**state["info"]), log=lambda s: None)
     trainer.model.load_state_dict(state["model"])
     trainer.model.eval()
@@ -88,18 +108,33 @@ def main(argv: list[str] | None = None) -> int:
     t_exact = time.perf_counter() - t0
     r_exact = rsum(exact)
     rows = [("exact", t_exact, exact.numel(), r_exact, 0.0, 1.0)]
+    t0 = time.perf_counter()
+    img, txt = pooled_embeddings(v, words, lengths)
+    pooled = img @ txt.T  # the shortlist's similarity alone: what reranking adds to it
+    t = time.perf_counter() - t0
+    r = rsum(pooled)
+    rows.append(("pooled only", t, 0, r, r_exact - r, t_exact / t))
+    recall = []
     for k in [int(x) for x in a.top_k.split(",")]:
         t0 = time.perf_counter()
         img, txt = pooled_embeddings(v, words, lengths)
-        scores, pairs = two_stage_scores(net.pair_scores, v, words, lengths, img, txt, k,
-                                         caption_block=cfg.rdan.eval_caption_block)
+        scores, pairs = two_stage_scores(net.paired_scores, v, words, lengths, img, txt, k,
+                                         cell_budget=cfg.rdan.eval_cell_budget)
         t = time.perf_counter() - t0
         r = rsum(scores)
         rows.append((f"two-stage K={k}", t, pairs, r, r_exact - r, t_exact / t))
-    print(f"\n{'method':<18}{'seconds':>10}{'pairs':>12}{'rsum':>9}{'loss':>8}{'speed-up':>10}")
+        recall.append((k, shortlist_recall(shortlist(img, txt, k), exact, caption_image)))
+    print(f"\n{'method':<18}{'seconds':>10}{'pairs':>12}{'us/pair':>9}{'rsum':>9}{'loss':>8}{'speed-up':>10}")
     for name, t, pairs, r, loss, x in rows:
-        print(f"{name:<18}{t:>10.2f}{pairs:>12d}{r:>9.2f}{loss:>8.2f}{x:>9.1f}x")
-    two = rows[1:]
+        per_pair = f"{t / pairs * 1e6:.2f}" if pairs else "-"
+        print(f"{name:<18}{t:>10.2f}{pairs:>12d}{per_pair:>9}{r:>9.2f}{loss:>8.2f}{x:>9.1f}x")
+    print("\nshortlist recall (%): the exact top-m of each image (i2t) / caption (t2i), and its ground truth, "
+          "inside the shortlist")
+    names = [f"{d} {m}" for d in ("i2t", "t2i") for m in ("top1", "top5", "top10", "gt")]
+    print(f"{'K':<6}" + "".join(f"{n:>10}" for n in names))
+    for k, rec in recall:
+        print(f"{k:<6}" + "".join(f"{rec[n]:>10.2f}" for n in names))
+    two = rows[2:]
     pick = ([r for r in two if r[0] == f"two-stage K={a.report_k}"] if a.report_k else
             [r for r in two if r[4] <= 1.0][:1] or two[-1:])[0]
     print(f"({pick[0]})")

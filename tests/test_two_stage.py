@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xray_match.metrics.two_stage import pad_words, pooled_embeddings, shortlist, two_stage_scores
-from xray_match.metrics.xattn import score_all_pairs
+from xray_match.metrics.two_stage import pooled_embeddings, shortlist, two_stage_scores
+from xray_match.metrics.xattn import score_all_pairs, score_pairs
 from xray_match.models.rdan import RDAN, RegionEncoder, WordEncoder
 
 
@@ -21,11 +21,46 @@ def _inputs(n_img=12, n_cap=30, k=5, d=16, seed=0):
     return model, v, words, lengths
 
 
+def _padded(words, lengths):
+    """Packed (W, D) words -> (N_c, n_max, D), zero beyond each caption's length."""
+    mask = torch.arange(int(lengths.max())).view(1, -1) < lengths.view(-1, 1)
+    out = words.new_zeros(*mask.shape, words.shape[1])
+    out[mask] = words
+    return out
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.3, 1.0])
+def test_paired_scores_equal_the_selected_entries_of_pair_scores(mu):
+    model, v, words, lengths = _inputs()
+    model.mu = mu
+    e = _padded(words, lengths)
+    with torch.no_grad():
+        full = model.pair_scores(v, e, lengths)  # (12, 30), captions padded to the longest
+        g = torch.Generator().manual_seed(1)
+        i, c = torch.randint(0, 12, (40,), generator=g), torch.randint(0, 30, (40,), generator=g)
+        torch.testing.assert_close(model.paired_scores(v[i], e[c], lengths[c]), full[i, c], rtol=1e-5, atol=1e-5)
+        # the diagonal: pair p = (image p, caption p)
+        torch.testing.assert_close(model.paired_scores(v, e[:12], lengths[:12]), full[:, :12].diagonal(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_score_pairs_packed_or_padded_in_blocks_equals_all_pairs():
+    model, v, words, lengths = _inputs()
+    exact = score_all_pairs(model.pair_scores, v, words, lengths)
+    g = torch.Generator().manual_seed(2)
+    i, c = torch.randint(0, 12, (50,), generator=g), torch.randint(0, 30, (50,), generator=g)
+    # budget 35 cells = 1-3 pairs a call (k = 5 regions, 2-6 words)
+    for captions, budget in ((words, 1 << 20), (words, 5 * 7), (_padded(words, lengths), 200)):
+        torch.testing.assert_close(score_pairs(model.paired_scores, v, captions, lengths, i, c, cell_budget=budget),
+                                   exact[i, c], rtol=1e-5, atol=1e-5)
+    assert score_pairs(model.paired_scores, v, words, lengths, i[:0], c[:0]).shape == (0,)
+
+
 def test_with_every_pair_shortlisted_two_stage_equals_exact_scoring():
     model, v, words, lengths = _inputs()
     exact = score_all_pairs(model.pair_scores, v, words, lengths)
     img, txt = pooled_embeddings(v, words, lengths)
-    scores, pairs = two_stage_scores(model.pair_scores, v, words, lengths, img, txt, top_k=10_000)
+    scores, pairs = two_stage_scores(model.paired_scores, v, words, lengths, img, txt, top_k=10_000, cell_budget=500)
     assert pairs == exact.numel()
     torch.testing.assert_close(scores, exact, rtol=1e-5, atol=1e-5)
 
@@ -37,7 +72,7 @@ def test_shortlist_holds_each_side_top_k_and_the_rest_ranks_below_by_similarity(
     sim = img @ txt.T
     assert (mask.sum(1) >= 3).all() and (mask.sum(0) >= 3).all()
     assert mask.gather(1, sim.topk(3, dim=1).indices).all() and mask.gather(0, sim.topk(3, dim=0).indices).all()
-    scores, pairs = two_stage_scores(model.pair_scores, v, words, lengths, img, txt, top_k=3)
+    scores, pairs = two_stage_scores(model.paired_scores, v, words, lengths, img, txt, top_k=3)
     assert pairs == int(mask.sum()) < mask.numel()
     exact = score_all_pairs(model.pair_scores, v, words, lengths)
     torch.testing.assert_close(scores[mask], exact[mask], rtol=1e-5, atol=1e-5)
@@ -49,7 +84,7 @@ def test_shortlist_holds_each_side_top_k_and_the_rest_ranks_below_by_similarity(
 def test_pooled_features_match_the_models_pooled_scores():
     model, v, words, lengths = _inputs()
     img, txt = pooled_embeddings(v, words, lengths)
-    torch.testing.assert_close(model.pooled_scores(v, pad_words(words, lengths), lengths), img @ txt.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.pooled_scores(v, _padded(words, lengths), lengths), img @ txt.T, rtol=1e-5, atol=1e-6)
 
 
 def test_auxiliary_embedding_loss_trains_the_pooled_features():

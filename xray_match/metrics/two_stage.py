@@ -4,8 +4,9 @@ Exact evaluation of a cross-attention model scores every image against every cap
 5,000 pairs on the 1K test). Here a cheap embedding of each side (the RDAN's own pooled region and
 word features, or any embedding model's vectors) proposes, for every image, its ``top_k`` nearest
 captions and, for every caption, its ``top_k`` nearest images; only the union of those pairs is
-scored exactly. A pair outside the shortlist keeps its shortlist similarity, placed below every
-exact score, so ranks beyond the shortlist are still defined (they order by the cheap embedding).
+scored exactly, all together in batched blocks (:func:`~xray_match.metrics.xattn.score_pairs`). A
+pair outside the shortlist keeps its shortlist similarity, placed below every exact score, so ranks
+beyond the shortlist are still defined (they order by the cheap embedding).
 
 With ``top_k`` >= the number of captions and images, every pair is scored: the result equals
 exact all-pairs scoring (tested).
@@ -13,12 +14,10 @@ exact all-pairs scoring (tested).
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as Fn
 
-PairScorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from xray_match.metrics.xattn import PairedScorer, score_pairs
 
 
 def pooled_embeddings(v: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,37 +42,24 @@ def shortlist(img: torch.Tensor, txt: torch.Tensor, top_k: int) -> torch.Tensor:
     return mask
 
 
-def pad_words(words: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Packed (W, D) -> padded (N_c, n_max, D), zero beyond each caption's length."""
-    n = int(lengths.max()) if len(lengths) else 0
-    out = words.new_zeros(len(lengths), n, words.shape[1])
-    mask = torch.arange(n).view(1, -1) < lengths.cpu().view(-1, 1)
-    out[mask] = words
-    return out
-
-
 @torch.no_grad()
-def two_stage_scores(pair_scores: PairScorer, v: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor,
+def two_stage_scores(paired_scores: PairedScorer, v: torch.Tensor, words: torch.Tensor, lengths: torch.Tensor,
                      img_emb: torch.Tensor, txt_emb: torch.Tensor, top_k: int, *,
-                     device: torch.device | str | None = None, caption_block: int = 256) -> tuple[torch.Tensor, int]:
-    """Scores (N_i, N_c): exact ``pair_scores`` on the shortlist, the shortlist similarity (below every
+                     device: torch.device | str | None = None, cell_budget: int = 1 << 20) -> tuple[torch.Tensor, int]:
+    """Scores (N_i, N_c): exact ``paired_scores`` on the shortlist, the shortlist similarity (below every
     exact score) elsewhere; and the number of pairs scored exactly.
 
     v (N_i, k, D) regions; words packed (W, D); lengths (N_c,); img_emb (N_i, E), txt_emb (N_c, E).
+    The shortlisted pairs are scored together (:func:`~xray_match.metrics.xattn.score_pairs`), in
+    blocks of ``cell_budget`` cells, so each costs what it costs in exact all-pairs scoring.
     """
-    device = torch.device(device) if device is not None else v.device
-    sim = (img_emb @ txt_emb.T).float()  # (N_i, N_c)
-    mask = shortlist(img_emb, txt_emb, top_k)
-    padded = pad_words(words, lengths)
+    sim = (img_emb @ txt_emb.T).float().cpu()  # (N_i, N_c)
+    mask = shortlist(img_emb, txt_emb, top_k).cpu()
+    image_idx, caption_idx = mask.nonzero(as_tuple=True)  # row-major, the order of exact[mask]
     exact = torch.full(sim.shape, float("nan"))
-    for i in range(v.shape[0]):
-        cols = mask[i].nonzero().squeeze(1)
-        vi = v[i : i + 1].to(device)
-        for s in range(0, len(cols), caption_block):
-            c = cols[s : s + caption_block]
-            n = int(lengths[c].max())
-            exact[i, c] = pair_scores(vi, padded[c, :n].to(device), lengths[c].to(device)).float().cpu()[0]
-    scored = int(mask.sum())
+    exact[mask] = score_pairs(paired_scores, v, words, lengths, image_idx, caption_idx, cell_budget=cell_budget,
+                              device=device).cpu()
+    scored = len(image_idx)
     floor = float(exact[mask].min()) if scored else 0.0
     # outside the shortlist: ordered by the cheap similarity, all below every exact score
     return torch.where(mask, exact, floor - 2.0 - 1e-3 + sim.clamp(-1, 1) * 0.5), scored

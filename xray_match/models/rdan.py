@@ -247,7 +247,36 @@ class RDAN(nn.Module):
 
     def pair_scores(self, v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """F(I, T), Eq. (11), for every image of ``v`` (B_i, k, D) against every caption of ``e``
-        (B_c, n, D) with ``lengths`` (B_c,) -> (B_i, B_c).
+        (B_c, n, D) with ``lengths`` (B_c,) -> (B_i, B_c). S for the whole block is one matmul."""
+        v_norm = v.norm(dim=-1).clamp_min(_EPS)  # (B_i, k)
+        e_norm = e.norm(dim=-1).clamp_min(_EPS)  # (B_c, n)
+        s = cosine_all_pairs(v, e, v_norm, e_norm)  # (B_i, B_c, k, n)
+        lengths = lengths.to(e.device).view(1, -1)
+        return self._similarity(s, v[:, None], e[None], v_norm[:, None], e_norm[None], lengths)
+
+    def paired_scores(self, v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """F(I, T) of P given pairs: image ``v[p]`` (P, k, D) with caption ``e[p]`` (P, n, D), ``lengths``
+        (P,) -> (P,), the diagonal of ``pair_scores(v, e, lengths)`` at 1/P of its cost.
+
+        A sparse set of pairs (a two-stage shortlist, :func:`xray_match.metrics.xattn.score_pairs`)
+        is then scored in one batched call per block instead of one image's captions at a time.
+        """
+        v_norm = v.norm(dim=-1).clamp_min(_EPS)  # (P, k)
+        e_norm = e.norm(dim=-1).clamp_min(_EPS)  # (P, n)
+        # Eq. (5): the products divided by the norms, (P, k, n) - normalising the per-pair copies of
+        # v and e instead would divide P (k + n) D elements, more than the relation CNN's first layer
+        s = (v @ e.transpose(1, 2)) / (v_norm.unsqueeze(-1) * e_norm.unsqueeze(1))
+        lengths = lengths.to(e.device).view(1, -1)
+        return self._similarity(s[None], v[None], e[None], v_norm[None], e_norm[None], lengths)[0]
+
+    def _similarity(self, s: torch.Tensor, v: torch.Tensor, e: torch.Tensor, v_norm: torch.Tensor,
+                    e_norm: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Eq. (6-11) for an A x B grid of pairs given their cosines ``s`` (A, B, k, n) -> (A, B).
+
+        The per-image inputs ``v`` (A|1, B|1, k, D), ``v_norm`` (A|1, B|1, k) and the per-caption
+        ``e`` (1, B, n, D), ``e_norm`` (1, B, n), ``lengths`` (1, B) broadcast over the grid: all pairs
+        of a block (A = B_i images x B = B_c captions, images on the first axis) and P given pairs
+        (A = 1, B = P, both on the second axis) run the same code.
 
         Eq. (10) without the attended vectors: with the raw products P_ij = v_i.e_j = s_ij |v_i| |e_j|,
         v_i.a_i = sum_j alpha_ij P_ij and |a_i|^2 = alpha_i^T G alpha_i with the words' Gram matrix
@@ -255,34 +284,28 @@ class RDAN(nn.Module):
         R_w(e_j, b_j) = sum_i beta_ij s_ij |v_i| / |b_j| with |b_j|^2 = beta_j^T H beta_j, H = V V^T.
         That costs k n^2 + n k^2 per pair instead of 2 k n D.
         """
-        b_i, k, d = v.shape
-        b_c, n, _ = e.shape
-        lengths = lengths.to(e.device)
-        word_mask = torch.arange(n, device=e.device).view(1, -1) < lengths.view(-1, 1)  # (B_c, n)
-        v_norm = v.norm(dim=-1).clamp_min(_EPS)  # (B_i, k)
-        e_norm = e.norm(dim=-1).clamp_min(_EPS)  # (B_c, n)
-        s = cosine_all_pairs(v, e, v_norm, e_norm).reshape(b_i * b_c, k, n)  # (P, k, n), pair p = i * B_c + c
-        pair_mask = word_mask.repeat(b_i, 1)  # (P, n)
-        s = s * pair_mask.unsqueeze(1)
-        s1, s2 = self.relation_maps(s, pair_mask)  # (P, k, n) each
-        s = s.view(b_i, b_c, k, n)
-        scores = s.new_zeros(b_i, b_c)
+        a, b, k, n = s.shape
+        word_mask = torch.arange(n, device=e.device).view(1, 1, -1) < lengths.unsqueeze(-1)  # (1, B, n)
+        pair_mask = word_mask.expand(a, b, n).reshape(a * b, n)  # (P, n), pair p = i * B + c
+        s = s * word_mask.unsqueeze(2)
+        s1, s2 = self.relation_maps(s.reshape(a * b, k, n), pair_mask)  # (P, k, n) each
+        scores = s.new_zeros(a, b)
         if self.mu < 1.0:  # region relevance pathway, Eq. (8), (10)
-            logits = (self.lambda_ * s2).view(b_i, b_c, k, n).masked_fill(~word_mask[None, :, None, :], float("-inf"))
-            alpha = torch.softmax(logits, dim=-1)  # (B_i, B_c, k, n) Eq. (8), over words
-            gram = e @ e.transpose(1, 2)  # (B_c, n, n)  G = E E^T
-            a_sq = (torch.einsum("icxn,cnm->icxm", alpha, gram) * alpha).sum(-1)  # (B_i, B_c, k) |a_i|^2
-            va = (alpha * s * e_norm[None, :, None, :]).sum(-1)  # (B_i, B_c, k)  v_i.a_i / |v_i|
+            logits = (self.lambda_ * s2).view(a, b, k, n).masked_fill(~word_mask.unsqueeze(2), float("-inf"))
+            alpha = torch.softmax(logits, dim=-1)  # (A, B, k, n) Eq. (8), over words
+            gram = e @ e.transpose(-1, -2)  # (1, B, n, n)  G = E E^T
+            a_sq = (torch.einsum("abxn,abnm->abxm", alpha, gram) * alpha).sum(-1)  # (A, B, k) |a_i|^2
+            va = (alpha * s * e_norm.unsqueeze(2)).sum(-1)  # (A, B, k)  v_i.a_i / |v_i|
             r_r = va / a_sq.clamp_min(0).sqrt().clamp_min(_EPS)  # Eq. (10), region relevance
             scores = scores + (1.0 - self.mu) * r_r.mean(-1)  # Eq. (11), mean over the k regions
         if self.mu > 0.0:  # word relevance pathway, Eq. (9), (10)
-            beta = torch.softmax(self.lambda_ * s1.view(b_i, b_c, k, n), dim=2)  # (B_i, B_c, k, n) over regions
-            gram_v = v @ v.transpose(1, 2)  # (B_i, k, k)  H = V V^T
-            b_sq = (torch.einsum("ixy,icyn->icxn", gram_v, beta) * beta).sum(2)  # (B_i, B_c, n) |b_j|^2
-            eb = (beta * s * v_norm[:, None, :, None]).sum(2)  # (B_i, B_c, n)  e_j.b_j / |e_j|
+            beta = torch.softmax(self.lambda_ * s1.view(a, b, k, n), dim=2)  # (A, B, k, n) over regions
+            gram_v = v @ v.transpose(-1, -2)  # (A|1, B|1, k, k)  H = V V^T
+            b_sq = (torch.einsum("abxy,abyn->abxn", gram_v, beta) * beta).sum(2)  # (A, B, n) |b_j|^2
+            eb = (beta * s * v_norm.unsqueeze(-1)).sum(2)  # (A, B, n)  e_j.b_j / |e_j|
             r_w = eb / b_sq.clamp_min(0).sqrt().clamp_min(_EPS) * word_mask  # Eq. (10), word relevance
-            scores = scores + self.mu * r_w.sum(-1) / lengths.view(1, -1).to(r_w.dtype)  # Eq. (11), over n words
-        return scores  # (B_i, B_c)
+            scores = scores + self.mu * r_w.sum(-1) / lengths.to(r_w.dtype)  # Eq. (11), over n words
+        return scores  # (A, B)
 
     def pair_flops(self, k: int, n: int, d: int) -> int:
         """FLOPs of :meth:`pair_scores` per (image, caption) pair with k regions, n (padded) words:

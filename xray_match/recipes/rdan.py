@@ -275,8 +275,8 @@ class RDANRecipe(Recipe):
         with autocast():
             if r.rerank_top_k:  # two-stage: pooled-feature shortlist, exact rerank (every rank alike: it is cheap)
                 img, txt = pooled_embeddings(v, words, lengths)
-                scores, pairs = two_stage_scores(net.pair_scores, v, words, lengths, img, txt, r.rerank_top_k,
-                                                 device=ctx.device, caption_block=r.eval_caption_block)
+                scores, pairs = two_stage_scores(net.paired_scores, v, words, lengths, img, txt, r.rerank_top_k,
+                                                 device=ctx.device, cell_budget=r.eval_cell_budget)
             else:
                 scores = score_all_pairs_distributed(net.pair_scores, v, words, lengths, rank=ctx.rank,
                                                      world_size=ctx.world_size, gather=ctx.gather, **kw).cpu()
