@@ -357,6 +357,14 @@ def batch_positions(batch: Any) -> dict[int, int]:
     return dict(batch.get("_pos", {})) if isinstance(batch, dict) else {}
 
 
+def take_bookkeeping(batch: Any) -> tuple[int, dict[int, int], list[str]]:
+    """Remove what :class:`_CountingCollate` put on a batch, before the model sees it: (corrupt
+    samples skipped, ``{reader slot: raw items taken}``, shard keys); zeros for other batches."""
+    if not isinstance(batch, dict):
+        return 0, {}, []
+    return int(batch.pop("_skipped", 0)), batch.pop("_pos", {}), batch.pop("_keys", [])
+
+
 class _Rotated:
     """A training DataLoader's batches in worker order ``first, first + 1, ...`` (mod ``workers``)
     instead of ``0, 1, ...``: each batch's reader slot names its worker; at most ``workers - 1``

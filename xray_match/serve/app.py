@@ -121,17 +121,18 @@ class SearchService:
     # ---- batched search -------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _texts(self, queries: list[tuple[str, int]]) -> list[dict[str, Any]]:
-        searcher = self.searcher
-        k = max(k for _, k in queries)
-        hits = await asyncio.to_thread(searcher.text_to_images, [t for t, _ in queries], k)
-        return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
-                for h, (_, ki) in zip(hits, queries)]
+        return await self._answer("text_to_images", queries)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _images(self, queries: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+        return await self._answer("image_to_captions", queries)
+
+    async def _answer(self, method: str, queries: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+        """One batch through one searcher (the one current when it starts), at the largest k asked;
+        each query gets its own k of the hits."""
         searcher = self.searcher
         k = max(k for _, k in queries)
-        hits = await asyncio.to_thread(searcher.image_to_captions, [im for im, _ in queries], k)
+        hits = await asyncio.to_thread(getattr(searcher, method), [q for q, _ in queries], k)
         return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
                 for h, (_, ki) in zip(hits, queries)]
 

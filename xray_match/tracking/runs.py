@@ -64,14 +64,18 @@ def log_texts(uri: str, run_id: str | None, files: dict[str, str], artifact_path
             c.log_artifact(run_id, os.path.join(d, name), artifact_path=artifact_path)
 
 
+def tags_filter(tags: dict[str, str]) -> str:
+    """An MLflow search filter matching runs that carry every one of ``tags``."""
+    return " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+
+
 def start_trial_run(study: dict[str, Any], run_name: str, tags: dict[str, str]) -> dict[str, Any]:
     """Inside a Tune trial: a child run of the study's parent (``study`` is
     :meth:`TrackingSession.study_spec`); returns the spec the trial's workers log with. A trial
     that runs again (a resumed study, a retried trial) continues its earlier child run, found by
     ``tags``; the run's ``attempts`` tag counts the starts."""
     c = client(study["tracking_uri"])
-    where = " and ".join([f"tags.{k} = '{v}'" for k, v in tags.items()]
-                         + [f"tags.mlflow.parentRunId = '{study['parent_run_id']}'"])
+    where = tags_filter(tags | {"mlflow.parentRunId": study["parent_run_id"]})
     earlier = c.search_runs([study["experiment_id"]], where, max_results=1)
     if earlier:
         run_id = earlier[0].info.run_id
@@ -159,8 +163,7 @@ class TrackingSession:
         """The newest run of the experiment carrying ``tags`` (None when tracking is off or none does)."""
         if not self.enabled:
             return None
-        where = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs([self.experiment_id], where, order_by=["attributes.start_time DESC"], max_results=1)
+        runs = self.client.search_runs([self.experiment_id], tags_filter(tags), order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
 
     def register(self, checkpoint: Any, run_id: str, metrics: dict[str, Any], info: Any, *,

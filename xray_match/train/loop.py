@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from xray_match.config import Config
-from xray_match.data.reader import batch_positions, make_loader
+from xray_match.data.reader import make_loader, take_bookkeeping
 from xray_match.distributed import all_gather_objects, all_reduce_mean
 from xray_match.registry import RECIPES
 from xray_match.train.recipe import DataInfo, EvalContext, Recipe, move_to, unwrap
@@ -209,12 +209,9 @@ class Trainer:
         it = iter(batches)
         for i in range(st.epoch_step, self.steps_per_epoch):
             batch = next(it)
-            keys: list[str] = []
-            if isinstance(batch, dict):
-                self.state.skipped += int(batch.pop("_skipped", 0))
-                self._rank_pos |= batch_positions(batch)
-                batch.pop("_pos", None)
-                keys = batch.pop("_keys", [])
+            skipped, pos, keys = take_bookkeeping(batch)
+            st.skipped += skipped
+            self._rank_pos |= pos
             batch = move_to(batch, self.device)
             with self.autocast():
                 outputs = self.recipe.forward(self.model, batch)
@@ -277,9 +274,7 @@ class Trainer:
             for i, batch in enumerate(batches):
                 if i == n_batches:
                     break
-                if isinstance(batch, dict):
-                    for k in ("_skipped", "_pos", "_keys"):
-                        batch.pop(k, None)
+                take_bookkeeping(batch)
                 self.recipe.forward(net, move_to(batch, self.device))
         for m, mom in zip(norms, saved):
             m.momentum = mom
