@@ -10,6 +10,8 @@
     xray-match index --model models:/xray-match-moco@champion --data SHARDS --out DIR   (faiss index, Ray Data)
     xray-match serve --model models:/xray-match-moco@champion [--index DIR]            (search app, Ray Serve)
     xray-match config [PRESET] [key=value ...]                    (print the merged, validated config)
+    eval "$(xray-match dev-cluster up)"    (S3, PostgreSQL, MLflow with auth, 3 Ray nodes on loopback)
+    xray-match dev-cluster env|status|down
 """
 
 from __future__ import annotations
@@ -109,6 +111,20 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_cluster(args: argparse.Namespace) -> int:
+    from xray_match import devcluster
+
+    try:
+        if args.action == "up":
+            return devcluster.main_up(args.dir, args.workers, args.cpus_per_node, args.bucket)
+        if args.action == "down":
+            return devcluster.main_down(args.dir, args.purge)
+        return {"env": devcluster.main_env, "status": devcluster.main_status}[args.action](args.dir)
+    except devcluster.DevClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xray-match", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     from xray_match.cli_serve import add_serve_commands
 
     add_serve_commands(sub)
+
+    dc = sub.add_parser("dev-cluster", help="the cluster path on one machine: S3, PostgreSQL, MLflow server, Ray nodes",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dc.add_argument("action", choices=["up", "down", "env", "status"],
+                    help="up: start and print the exports; env: print them again; down: stop everything up started")
+    dc.add_argument("--dir", help="state folder (default: $XRAY_MATCH_HOME/dev-cluster)")
+    dc.add_argument("--workers", type=int, default=2, help="Ray worker nodes beside the head")
+    dc.add_argument("--cpus-per-node", type=int, default=1, help="logical CPUs each Ray node offers")
+    dc.add_argument("--bucket", default="xray-bucket")
+    dc.add_argument("--purge", action="store_true", help="down: also delete the data and keys (bucket, PostgreSQL)")
+    dc.set_defaults(func=_dev_cluster)
 
     co = sub.add_parser("config", help="print the merged, validated config of a preset")
     co.add_argument("preset", nargs="?", default=None)
