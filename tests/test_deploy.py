@@ -604,12 +604,19 @@ def test_rayservice_runs_the_search_app(platform):
 def test_mlflow_server(platform):
     (deploy,) = [d for d in docs_of(platform, "Deployment") if d["metadata"]["name"] == "mlflow"]
     c = deploy["spec"]["template"]["spec"]["containers"][0]
-    argv = c["command"] + c["args"]
-    assert argv[:2] == ["mlflow", "server"] and "--serve-artifacts" in argv
+    # a shell writes the auth app's ini (it holds the database password), then execs the server
+    assert c["command"][:2] == ["sh", "-c"] and 'exec mlflow server "$@"' in c["command"][2]
+    argv = c["args"]
+    assert "--serve-artifacts" in argv and "--app-name=basic-auth" in argv
     opts = dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     env = {**env_from_configmaps(c, platform), "POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p", "POSTGRES_DB": "d"}
     expand = lambda s: re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], s)  # the kubelet's $(VAR)
     assert re.fullmatch(rf"postgresql://u:p@postgres\.{NAMESPACE}\.svc:5432/d", expand(opts["--backend-store-uri"]))
+    shell = re.sub(r"\$\{(\w+)\}", lambda m: env[m[1]], c["command"][2])  # the shell's ${VAR}
+    assert f"postgresql://u:p@postgres.{NAMESPACE}.svc:5432/d" in shell and "default_permission = READ" in shell
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+    assert secret_env["MLFLOW_AUTH_ADMIN_PASSWORD"] == secret_env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == "xray-mlflow-auth"
+    assert {e["name"]: e.get("value") for e in c["env"]}["MLFLOW_AUTH_CONFIG_PATH"] == "/tmp/basic_auth.ini"
     assert re.fullmatch(r"s3://[a-z0-9.-]+/mlflow-artifacts", expand(opts["--artifacts-destination"]))
     assert env["MLFLOW_S3_ENDPOINT_URL"].startswith(("http://", "https://"))
     # MLflow's Host-header guard (fnmatch, as mlflow.server.security_utils does) must admit the

@@ -116,6 +116,8 @@ class TrackingConfig:
     registered_model_name: str = F("", help="empty = xray-match-<model.name>")
     register: bool = True
     enabled: bool = True
+    flush_timeout_s: float = F(600.0, ge=0, help="how long a run's end waits for an unreachable tracking server "
+                               "to take the metrics it buffered (the run's own writes; then they go to a file)")
 
 
 @dataclass

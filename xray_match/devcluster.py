@@ -431,12 +431,14 @@ def spawn_mlflow(state: State) -> None:
                  "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     env = {"MLFLOW_AUTH_CONFIG_PATH": ini, "MLFLOW_AUTH_ADMIN_PASSWORD": state.secrets["mlflow_admin"],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": state.secrets["mlflow_flask"],  # CSRF tokens of the auth app
+           # the server's GenAI job runner (a process and three queue consumers) serves nothing here
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            # the server's own client of the bucket (boto3) reads the AWS_* variables of node_env
            "MLFLOW_S3_IGNORE_TLS": "true"}
     spawn(state, "mlflow", [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                             "--backend-store-uri", _pg_uri(state, "mlflow"),
                             "--artifacts-destination", f"s3://{state.bucket}/mlartifacts",
-                            "--host", "127.0.0.1", "--port", str(state.ports["mlflow"]), "--workers", "2"], env=env)
+                            "--host", "127.0.0.1", "--port", str(state.ports["mlflow"]), "--workers", "1"], env=env)
 
 
 
@@ -479,7 +481,11 @@ def _ray_node_cmd(state: State, name: str, head: bool, cpus: int) -> list[str]:
     cmd = [ray if os.path.exists(ray) else shutil.which("ray") or "ray", "start", "--block", "--disable-usage-stats",
            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
            f"--temp-dir={os.path.join(state.ray_tmp, name)}", "--object-store-memory=300000000",
-           f"--resources={json.dumps({f'node_{name}': 1000})}"]
+           f"--resources={json.dumps({f'node_{name}': 1000})}",
+           # nodes sharing one machine need ports of their own: the defaults (e.g. the dashboard
+           # agent's 52365) go to the first node, and a worker node's job logs then cannot be read
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     if head:
         return cmd + ["--head", f"--port={state.ports['gcs']}", "--dashboard-host=127.0.0.1",
                       f"--ray-client-server-port={state.ports['ray_client']}",
@@ -501,11 +507,29 @@ def alive_nodes(state: State) -> list[dict[str, Any]]:
 
 def start_ray(state: State, workers: int, cpus: int) -> None:
     os.makedirs(state.ray_tmp, exist_ok=True)
-    spawn(state, "ray-head", _ray_node_cmd(state, "head", True, cpus))
-    _wait("Ray head", state.services["ray-head"], lambda: len(alive_nodes(state)) >= 1)
-    for i in range(1, workers + 1):
-        spawn(state, f"ray-w{i}", _ray_node_cmd(state, f"w{i}", False, cpus))
-    ready_ray(state, workers + 1)
+    _start_node(state, "head", cpus, nodes=1)
+    for i in range(1, workers + 1):  # one at a time: on 2 busy cores, parallel starts time out
+        _start_node(state, f"w{i}", cpus, nodes=i + 1)
+
+
+#: a node's start attempts: on a loaded machine a node gives up when its raylet has not registered
+#: within a fixed 30 s (ray/_private/node.py), or the raylet waits too long for its own agents
+#: ("The current node timed out during startup", ray-project/ray#65983); a fresh start then works
+NODE_ATTEMPTS = 5
+
+
+def _start_node(state: State, name: str, cpus: int, nodes: int) -> None:
+    """Start Ray node ``name`` and wait until the cluster has ``nodes`` alive nodes."""
+    for attempt in range(1, NODE_ATTEMPTS + 1):
+        svc = spawn(state, f"ray-{name}", _ray_node_cmd(state, name, name == "head", cpus))
+        try:
+            _wait(f"Ray node {name}", svc, lambda: len(alive_nodes(state)) >= nodes)
+            return
+        except DevClusterError:
+            stop_services(state, [f"ray-{name}"], 5.0)
+            if attempt == NODE_ATTEMPTS:
+                raise
+            _log(f"  Ray node {name} did not start (attempt {attempt}); starting it again")
 
 
 def ready_ray(state: State, nodes: int) -> None:

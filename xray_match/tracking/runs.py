@@ -39,13 +39,14 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + _BATCH])
 
 
-def log_metrics(uri: str, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(uri: str, run_id: str | None, metrics: dict[str, float], step: int = 0,
+                timestamp_ms: int | None = None) -> None:
     """Metrics onto an existing run (the job's run, a study's parent, the best trial's run)."""
     if not run_id:
         return
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
+    now = timestamp_ms or int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
     c = client(uri)
     for i in range(0, len(items), 500):
@@ -189,12 +190,29 @@ class TrackingSession:
 
 
 class RankZeroLogger:
-    """Inside a Ray Train worker: logs params, per-epoch metrics and figures from rank 0 only."""
+    """Inside a Ray Train worker: logs params, per-epoch metrics and figures from rank 0 only.
 
-    def __init__(self, spec: dict[str, Any] | None, rank: int):
+    Training does not stop for the tracking server. A write that fails (the server restarting, the
+    network gone) is kept, in order, and sent with the next one; metrics carry their own step and
+    timestamp, so late ones land where they belong. Figures are copied aside while they wait (the
+    loop deletes its copies at the end of the run). :meth:`end` waits up to
+    ``tracking.flush_timeout_s`` for the server, then writes what is still unsent to
+    ``mlflow-unsent-<run_id>.json`` in the worker's folder and says so. Each attempt is short
+    (:data:`ATTEMPT_ENV`): MLflow's own retries would otherwise hold a step for minutes.
+    """
+
+    #: MLflow's HTTP retry settings for the workers' writes: one quick try each, the buffer retries
+    ATTEMPT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+    def __init__(self, spec: dict[str, Any] | None, rank: int, flush_timeout_s: float = 600.0):
         self.active = spec is not None and rank == 0
+        self.pending: list[tuple[str, tuple[Any, ...]]] = []
+        self.flush_timeout_s = flush_timeout_s
+        self._spool: str | None = None
         if not self.active:
             return
+        for k, v in self.ATTEMPT_ENV.items():
+            os.environ.setdefault(k, v)
         self.uri = spec["tracking_uri"]
         self.client = client(self.uri)
         self.run_id = spec["run_id"]
@@ -204,16 +222,79 @@ class RankZeroLogger:
         not the other methods'; the whole merged config as ``config.yaml``."""
         if not self.active:
             return
-        log_params(self.uri, self.run_id, cfg.flat(method=section))
-        log_texts(self.uri, self.run_id, {"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-                                          "git_sha.txt": git_sha() + "\n"})
+        self._send("params", (cfg.flat(method=section),))
+        self._send("texts", ({"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                              "git_sha.txt": git_sha() + "\n"},))
 
     def log_epoch(self, metrics: dict[str, float], epoch: int, artifacts: list[str]) -> None:
         if not self.active:
             return
-        log_metrics(self.uri, self.run_id, metrics, step=epoch)
+        self._send("metrics", (metrics, epoch, int(time.time() * 1000)))
         for path in artifacts:
-            self.client.log_artifact(self.run_id, path, artifact_path=f"figures/epoch{epoch:03d}")
+            self._send("artifact", (path, f"figures/epoch{epoch:03d}"))
 
     def end(self) -> None:
-        pass
+        if not (self.active and self.pending):
+            return
+        deadline = time.monotonic() + self.flush_timeout_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+            self._flush()
+        if self.pending:
+            import json
+
+            path = os.path.abspath(f"mlflow-unsent-{self.run_id}.json")
+            with open(path, "w") as fh:
+                json.dump({"tracking_uri": self.uri, "run_id": self.run_id,
+                           "writes": [[kind, list(args)] for kind, args in self.pending]}, fh, default=str)
+            print(f"[xray_match] warning: {self.uri} did not answer for {self.flush_timeout_s:g} s; "
+                  f"{len(self.pending)} unsent MLflow write(s) of run {self.run_id} saved to {path}", flush=True)
+
+    # -------------------------------------------------------------------- the buffer
+
+    def _send(self, kind: str, args: tuple[Any, ...]) -> None:
+        if kind == "artifact":  # a copy of its own: the loop deletes its figures when the run ends
+            args = (self._keep(args[0]), args[1])
+        self.pending.append((kind, args))
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Send what waits, oldest first; False (and the rest kept) at the first failure."""
+        while self.pending:
+            kind, args = self.pending[0]
+            try:
+                self._write(kind, args)
+            except Exception as e:  # noqa: BLE001 - any failure to reach the server: keep and retry later
+                if not getattr(self, "_warned", False):
+                    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    print(f"[xray_match] MLflow at {self.uri} unreachable ({first}); buffering, training goes on",
+                          flush=True)
+                    self._warned = True
+                return False
+            self.pending.pop(0)
+        if getattr(self, "_warned", False):
+            print(f"[xray_match] MLflow at {self.uri} answers again; buffered writes sent", flush=True)
+            self._warned = False
+        return True
+
+    def _write(self, kind: str, args: tuple[Any, ...]) -> None:
+        if kind == "params":
+            log_params(self.uri, self.run_id, *args)
+        elif kind == "texts":
+            log_texts(self.uri, self.run_id, *args)
+        elif kind == "metrics":
+            metrics, step, ts = args
+            log_metrics(self.uri, self.run_id, metrics, step=step, timestamp_ms=ts)
+        elif kind == "artifact":
+            import shutil
+
+            self.client.log_artifact(self.run_id, args[0], artifact_path=args[1])
+            shutil.rmtree(os.path.dirname(args[0]), ignore_errors=True)
+
+    def _keep(self, path: str) -> str:
+        import shutil
+
+        if self._spool is None:
+            self._spool = tempfile.mkdtemp(prefix="xray-mlflow-spool-")
+        folder = tempfile.mkdtemp(dir=self._spool)  # the file keeps its name: MLflow names the artifact by it
+        return shutil.copy(path, folder)

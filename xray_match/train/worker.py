@@ -40,7 +40,9 @@ def _log(line: str) -> None:
 #: fault injection for tests of FailureConfig: "RANK:epoch=E:MARKER" makes worker RANK exit hard once
 #: (when MARKER does not exist yet; it is then created) after training epoch E, before reporting it
 #: (the run's latest checkpoint is then that of epoch E - 1); "RANK:step=S:MARKER" after optimizer
-#: step S, before any checkpoint of that step
+#: step S, before any checkpoint of that step. "RANK:step=S:hold:FOLDER" (RANK may be ``*``) makes
+#: the worker write ``FOLDER/rank<R>.json`` (its pid and Ray node id) once and wait there until
+#: ``FOLDER/release`` exists: a test then kills its node, or stops a server, at a known point.
 FAULT_ENV = "XRAY_MATCH_INJECT_WORKER_EXIT"
 #: audit trail: a folder where every rank appends one JSON line per optimizer step,
 #: ``{"step", "rank", "keys"}`` (the shard keys it trained on), to ``samples-rank<R>.jsonl``
@@ -68,7 +70,7 @@ def train_func(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start = load_checkpoint(d)
-    logger = RankZeroLogger(config.get("mlflow"), rank)
+    logger = RankZeroLogger(config.get("mlflow"), rank, cfg.tracking.flush_timeout_s)
     if start is None:
         logger.start(cfg, RECIPES.get(cfg.model.name).section)
 
@@ -111,7 +113,22 @@ def _maybe_exit(fault: str | None, rank: int, unit: str, count: int) -> None:
     if not fault:
         return
     r, when, marker = fault.split(":", 2)
-    if (int(r), when) == (rank, f"{unit}={count}") and not os.path.exists(marker):
+    if r not in ("*", str(rank)) or when != f"{unit}={count}":
+        return
+    if marker.startswith("hold:"):
+        folder = marker.removeprefix("hold:")
+        mine = os.path.join(folder, f"rank{rank}.json")
+        if os.path.exists(mine):
+            return
+        import ray
+
+        with open(mine + ".tmp", "w") as fh:
+            json.dump({"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}, fh)
+        os.replace(mine + ".tmp", mine)
+        while not os.path.exists(os.path.join(folder, "release")):
+            time.sleep(0.2)
+        return
+    if not os.path.exists(marker):
         open(marker, "w").close()
         # Train V2's controller collects reports when it polls the workers (every 2 s by default); a
         # worker lost before that poll takes the previous epoch's report with it. Wait two polls, so
