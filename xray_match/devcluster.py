@@ -105,7 +105,9 @@ class State:
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        env.pop("RAY_ADDRESS", None)  # a node is told its head with --address
+        # RAY_ADDRESS stays set: a process that calls ray.init() without an address (a job's
+        # supervisor and driver, Ray Data or Serve inside a worker) would otherwise pick the newest
+        # of the machine's Ray clusters when there are several ("Found multiple active Ray instances")
         return env
 
     def save(self) -> None:

@@ -82,7 +82,7 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def argv_with_data(preset: str, argv: list[str], tune: bool, build_data: Callable[[Config], str]) -> tuple[list[str], Config]:
     """``argv`` with ``--data`` set to the folder ``build_data(cfg)`` returns (a data set the config
     describes, built on first use) unless the caller passed ``--data``; and the merged config."""
-    args = build_parser(preset, preset, tune).parse_args(argv)
+    args = build_parser(preset, preset, tune).parse_intermixed_args(argv)
     cfg = config_from_args(args)
     if args.data or args.print_config:
         return list(argv), cfg
@@ -91,7 +91,7 @@ def argv_with_data(preset: str, argv: list[str], tune: bool, build_data: Callabl
 
 
 def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
-    args = build_parser(description, preset, tune).parse_args(argv)
+    args = build_parser(description, preset, tune).parse_intermixed_args(argv)
     cfg = config_from_args(args)
     if args.print_config:
         import yaml
