@@ -24,7 +24,7 @@ import pytest
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
-#: a small tune / train budget: tiny models, 3 steps an epoch
+#: a small tune / train budget: tiny models, 3 steps an epoch (overrides after it win)
 SMALL = ["--cpus-per-worker", "1", "data.steps_per_epoch=3", "data.batch_size=16", "data.eval_batch_size=32",
          "train.bn_recompute_batches=2", "moco.teacher_hidden=[128]"]
 #: every subprocess's bound: a step that hangs fails the test instead of the suite
@@ -160,6 +160,41 @@ def test_users_path_end_to_end(cluster, mlflow_env):
     driver_node = nodes[job_info(cluster, sid)["driver_node_id"]]
     assert driver_node["resources_total"].get("node_w2") and not driver_node["is_head_node"]
 
+    # the champion's index into the bucket, and the search service answering from it
+    index = f"s3://{bucket}/indexes/moco"
+    out = run(env, [_cli(), "index", "--model", "models:/xray-match-moco@champion", "--data", cluster["data"],
+                    "--out", index, "--no-progress"]).stdout
+    assert f"index: {index}" in out, out
+    from xray_match.devcluster import free_port
+
+    port = free_port()
+    log = open(cluster["dir"] / "serve.log", "w")
+    serve = subprocess.Popen([_cli(), "serve", "--model", "models:/xray-match-moco@champion", "--index", index,
+                              "--port", str(port), "--proxy-location", "HeadOnly", "--poll-s", "0", "--max-replicas", "1"],
+                             env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def answer():
+            assert serve.poll() is None, (cluster["dir"] / "serve.log").read_text()[-3000:]
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/search/text", method="POST",
+                                         data=json.dumps({"text": "a red seven", "k": 3}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.load(r)
+            except (urllib.error.URLError, OSError):
+                return None
+
+        hits = _wait_for("an answer from the search service", answer, every_s=2.0)["results"]
+        assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["id"] and h["split"] for h in hits), hits
+    finally:
+        os.killpg(serve.pid, 15)
+        try:
+            serve.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, 9)
+            serve.wait()
+        log.close()
+
 
 # ----------------------------------------------------------------------------- faults
 
@@ -275,9 +310,10 @@ def test_a_worker_node_killed_mid_epoch_resumes_from_the_bucket(cluster, tmp_pat
         hold.mkdir()
         env_vars = {SAMPLE_LOG_ENV: str(samples)} | ({FAULT_ENV: f"*:step=7:hold:{hold}"} if name == "killed" else {})
         sid = _start(cluster, ["jobs/train_moco.py", "--data", cluster["data"], "--storage-path", f"s3://{bucket}/ray",
-                               "--name", f"node-loss-{name}", "--epochs", "2", "--no-test-eval", "data.steps_per_epoch=5",
-                               "train.checkpoint_every_steps=2", "ray.max_failures=1", "tracking.enabled=false",
-                               "data.num_workers=2", "data.shuffle_buffer=16", *SMALL], {"env_vars": env_vars})
+                               "--name", f"node-loss-{name}", "--epochs", "2", "--no-test-eval", *SMALL,
+                               "data.steps_per_epoch=5", "train.checkpoint_every_steps=2", "ray.max_failures=1",
+                               "tracking.enabled=false", "data.num_workers=2", "data.shuffle_buffer=16"],
+                        {"env_vars": env_vars})
         if name == "killed":
             holds = _wait_for("both ranks at step 7", lambda: len(list(hold.glob("rank*.json"))) == 2 and
                               [json.loads(p.read_text()) for p in sorted(hold.glob("rank*.json"))], job=(cluster, sid))

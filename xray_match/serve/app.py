@@ -258,7 +258,7 @@ def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
 
     for attempt in range(1, tries + 1):
         try:
-            serve.start(http_options={"host": cfg.host, "port": cfg.port})
+            serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location=cfg.proxy_location)
             return
         except (ray.exceptions.ActorDiedError, ray.exceptions.GetTimeoutError) as e:
             if attempt == tries:

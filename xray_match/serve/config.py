@@ -38,6 +38,9 @@ class ServeConfig:
 
     host: str = F("127.0.0.1", help="HTTP bind address of Serve's proxy")
     port: int = F(8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = F(
+        "EveryNode", help="where Serve runs HTTP proxies: every node (a cluster of machines), or the head only "
+        "(nodes sharing one machine, as xray-match dev-cluster's, would all bind the same port)")
     top_k: int = F(10, ge=1, help="results per query unless the request asks otherwise")
     max_top_k: int = F(100, ge=1, help="the largest k a request may ask for")
     max_batch_size: int = F(16, ge=1, help="@serve.batch: queries embedded and searched together")
