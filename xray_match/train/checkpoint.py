@@ -3,11 +3,11 @@ rebuilding / evaluating the model a checkpoint holds.
 
 A checkpoint is one file, :data:`CKPT_FILE`, holding a dict of plain data only: tensors, numbers,
 strings, booleans, None, and lists / tuples / dicts of them (:func:`check_plain`).
-:func:`save_checkpoint` writes it under a temporary name and renames it, so a reader sees the old
-file or the whole new one; :func:`load_checkpoint` opens it with ``torch.load(weights_only=True)``
-(the only ``torch.load`` in the package), which refuses anything else, so opening a checkpoint
-never runs code from the file. Checkpoints written before this format (a numpy RNG state inside)
-do not open: train them again.
+:func:`save_checkpoint` writes it whole before it has its name (a rename locally, one upload on
+an object store), so a reader sees the old file or the whole new one; :func:`load_checkpoint`
+opens it with ``torch.load(weights_only=True)`` (the only ``torch.load`` in the package), which
+refuses anything else, so opening a checkpoint never runs code from the file. Checkpoints written
+before this format (a numpy RNG state inside) do not open: train them again.
 
 The training loop's state (:meth:`xray_match.train.loop.Trainer.state_dict`) has the keys
 ``model``, ``loss``, ``optimizer``, ``scheduler``, ``loop``, ``rng``, ``config``, ``info`` and
@@ -61,55 +61,42 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
 
 def save_checkpoint(state: Mapping[str, Any], path: str) -> None:
     """Write ``state`` (plain data, checked first) to ``path`` (a local path or a URL) atomically:
-    a temporary name beside it, then a rename; on an object store a PUT appears only when whole."""
-    import fsspec
+    readers see the old file or the whole new one (:func:`~xray_match.data.io.write_atomic`: a
+    rename locally; on an object store one upload, which makes the object appear whole)."""
     import torch
 
-    from xray_match.data.io import local_path, temp_path
+    from xray_match.data.io import write_atomic
 
     check_plain(state)
-    local = local_path(path)
-    if local is None:
-        with fsspec.open(path, "wb") as fh:
-            torch.save(state, fh)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    tmp = temp_path(local)
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def checkpoint_file(path: str) -> str:
     """``path`` itself when it is a file; else the :data:`CKPT_FILE` in the folder ``path``, or the
-    first one below it (a registered model's artifacts nest it). Local paths and URLs."""
-    import fsspec
+    first one below it (a registered model's artifacts nest it). Local paths and URLs (a URL gives
+    a URL)."""
+    from xray_match.data.io import filesystem, unstrip
 
-    fs, p = fsspec.core.url_to_fs(path)
+    fs, p = filesystem(path)
     if fs.isfile(p):
         return path
     if fs.isdir(p):
         direct = f"{p.rstrip('/')}/{CKPT_FILE}"
         hits = [direct] if fs.isfile(direct) else sorted(fs.glob(f"{p.rstrip('/')}/**/{CKPT_FILE}"))
         if hits:
-            return fs.unstrip_protocol(hits[0]) if "://" in path else hits[0]
+            return unstrip(fs, hits[0], like=path)
     raise CheckpointError(f"{path!r} is not a {CKPT_FILE} file or a folder holding one")
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """The plain-data dict saved at ``path``: a checkpoint file or a folder holding one (local or URL)."""
-    import fsspec
     import torch
+
+    from xray_match.data.io import open_url
 
     file = checkpoint_file(path)
     try:
-        with fsspec.open(file, "rb") as fh:
+        with open_url(file, "rb") as fh:
             state = torch.load(fh, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a corrupt, foreign or old-format file: one clear message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -144,9 +144,9 @@ def fit_local_resources(cfg: Config, concurrent: int) -> Config:
 
 def latest_study(root: str, model: str) -> str | None:
     """The newest ``tune-<model>-<timestamp>`` study folder under a storage root (local or URL)."""
-    import fsspec
+    from xray_match.data.io import filesystem
 
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = filesystem(root)
     if not fs.isdir(path):
         return None
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
