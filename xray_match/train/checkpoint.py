@@ -168,6 +168,10 @@ class Storage:
         return StoredCheckpoint(self.url(str(path)))
 
 
+#: the config key of the run storage, as messages name it
+STORAGE_KEY = "ray.storage_path"
+
+
 def run_storage(cfg: Config) -> Storage:
     """The one reading of ``ray.storage_path`` (the worker, the tuner, the jobs and the studies use it)."""
     return Storage(cfg.ray.storage_path)
