@@ -326,10 +326,12 @@ def fetch(url: str, cache: str | None = None) -> str:
     try:
         for name in (*INDEX_FILES, META):
             fs.get_file(f"{root.rstrip('/')}/{name}", os.path.join(tmp, name))
-    except FileNotFoundError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise IndexFormatError(f"{source}: an object of this version is gone (replaced twice while being read?); "
-                               f"load {url} again") from None
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a partial copy in the cache
+        if isinstance(e, FileNotFoundError):
+            raise IndexFormatError(f"{source}: an object of this version is gone (replaced twice while being "
+                                   f"read?); load {url} again") from None
+        raise
     try:
         os.rename(tmp, local)
     except OSError:  # another replica fetched it first
