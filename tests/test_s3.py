@@ -1,10 +1,10 @@
 """``s3://`` wherever a path goes, against a real S3 endpoint (SeaweedFS, the ``s3_store``
 fixture), configured as users configure it: the AWS_* variables, read by fsspec (s3fs) and by
 pyarrow (Ray's storage) alike. Shards written, verified, read and trained on in the bucket;
-checkpoints and Ray's run storage there with the scheme kept in what is printed and tagged; the
-search index published there and loaded back; a conversion killed while writing to the bucket is
-refused until a re-run completes it; an unreachable store fails a job in one line. Subprocess
-timeouts only guard against a hang; no verdict depends on speed."""
+checkpoints, Ray Train runs and a Tune study there, with the scheme kept in what is printed and
+tagged; the search index published there and loaded back; a conversion killed while writing to
+the bucket is refused until a re-run completes it; an unreachable store fails a job in one line.
+Subprocess timeouts only guard against a hang; no verdict depends on speed."""
 
 from __future__ import annotations
 
@@ -192,6 +192,36 @@ def test_a_train_job_with_data_and_storage_in_the_bucket_prints_and_tags_s3_urls
     assert sorted(load_checkpoint(f"{run}/{f}")["loop"]["step"] for f in folders) == [2, 3]
     tags = MlflowClient(uri).get_model_version("s3-moco", str(out["model_version"])).tags
     assert tags["checkpoint"] == ckpt and tags["data_path"] == f"{s3_url}/data"
+
+
+@pytest.mark.s3
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_tune_job_keeps_its_study_state_in_the_bucket_and_names_the_best_checkpoint_by_url(
+        s3_url, ray_cluster_s3, tmp_path, capsys):
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from xray_match.launch import tune_main
+    from xray_match.train.checkpoint import load_checkpoint
+
+    build_digit_scenes(f"{s3_url}/data", **TINY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tune_main("moco_cpu", argv=[
+        "--data", f"{s3_url}/data", "--storage-path", f"{s3_url}/runs", "--tracking-uri", uri, "--name", "s3study",
+        "--model-name", "s3-tuned", "--num-samples", "1", "--max-concurrent", "1", "--num-workers", "1",
+        "--cpus-per-worker", "1", "--epochs", "1", "--no-test-eval", "tune.trial_epochs=1", "data.steps_per_epoch=2",
+        "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=16", "moco.embed_dim=32",
+        "moco.teacher_hidden=[64]", "moco.lstm_hidden=64"])
+    study, best = f"{s3_url}/runs/s3study", out["best_checkpoint"]
+    # each trial's TorchTrainer stores its run beside the study folder, as <study>-<trial id>
+    assert out["storage"] == study and best.startswith(f"{study}-"), best
+    assert tune.Tuner.can_restore(study)  # Tune's study state is in the bucket (what --resume reads)
+    printed = capsys.readouterr().out
+    assert re.search(rf"results: {re.escape(study)}$", printed, re.M) and re.search(
+        rf"best_checkpoint: {re.escape(best)}$", printed, re.M), printed[-2000:]
+    assert load_checkpoint(best)["loop"]["step"] == 2
+    assert MlflowClient(uri).get_model_version("s3-tuned", str(out["model_version"])).tags["checkpoint"] == best
 
 
 # ----------------------------------------------------------------------------- the search index
