@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny real digit-scenes shard set, a real local Ray cluster, a real MLflow store."""
+"""Shared fixtures: a tiny real digit-scenes shard set, a real local Ray cluster, a real MLflow store,
+a real S3 endpoint (SeaweedFS)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def tiny_scenes(tmp_path_factory) -> str:
     return root
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """One real local Ray cluster for the session (4 logical CPUs on 2 cores: room for a Tune
-    trial's driver beside two training workers)."""
+#: the S3 endpoint in the environment the session's Ray cluster was started with
+_RAY_STARTED_WITH: dict[str, str | None] = {}
+
+
+def _start_ray():
     import ray
 
     for attempt in range(3):  # on a loaded machine the raylet can give up waiting for its dashboard
@@ -45,8 +47,60 @@ def ray_cluster(tmp_path_factory):
             ray.shutdown()
             if attempt == 2 or "timed out during startup" not in str(e):
                 raise
+    _RAY_STARTED_WITH["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real local Ray cluster for the session (4 logical CPUs on 2 cores: room for a Tune
+    trial's driver beside two training workers)."""
+    ray = _start_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_s3(s3_store, ray_cluster):
+    """The session's Ray cluster, its processes able to reach ``s3_store``. Ray's workers take
+    their environment from the raylet, which has the driver's environment of the moment the
+    cluster started: a cluster started before ``s3_store`` set the AWS variables is restarted."""
+    if _RAY_STARTED_WITH.get("endpoint") != s3_store["endpoint"]:
+        ray_cluster.shutdown()
+        _start_ray()
+    return ray_cluster
+
+
+#: variables that would send the session's S3 clients elsewhere than the store it starts
+_S3_OVERRIDES = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """A real S3 endpoint for the session: SeaweedFS alone (``devcluster.up(services=("s3",))``,
+    about 5 s), configured the way users configure one: its ``AWS_*`` variables and
+    ``XRAY_BUCKET`` in ``os.environ`` (subprocesses inherit them), the old values put back at
+    the end. Yields ``{"bucket", "endpoint"}``. The store is always stopped and its data
+    deleted, also when a test or the start itself fails: nothing is left running."""
+    from xray_match import devcluster
+
+    folder = str(tmp_path_factory.mktemp("s3-store"))
+    saved: dict[str, str | None] = {}
+    try:
+        state = devcluster.up(folder, services=("s3",))
+        env = {k: v for k, v in state.exports().items() if k.startswith("AWS_") or k == "XRAY_BUCKET"}
+        saved = {k: os.environ.get(k) for k in (*env, *_S3_OVERRIDES)}
+        for k in _S3_OVERRIDES:
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        yield {"bucket": state.bucket, "endpoint": env["AWS_ENDPOINT_URL"]}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        devcluster.down(folder, purge=True)
 
 
 @pytest.fixture

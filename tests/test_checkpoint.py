@@ -58,13 +58,18 @@ def test_storage_root(tmp_path, monkeypatch):
     assert Storage("").root == str(tmp_path / "home" / "runs")
     monkeypatch.chdir(tmp_path)
     local = Storage("runs")
-    assert local.root == str(tmp_path / "runs") and not local.remote and local.filesystem() is None
+    assert local.root == str(tmp_path / "runs") and not local.remote
     remote = Storage("s3://bucket/ray")
     assert remote.root == "s3://bucket/ray" and remote.join("study") == "s3://bucket/ray/study"
-    # under a URL root Ray reports paths without the scheme: read through the root's filesystem
+    # under a URL root Ray reports paths without the scheme: the storage hands out the URL
+    assert remote.checkpoint("bucket/ray/run/checkpoint_000001").url == "s3://bucket/ray/run/checkpoint_000001"
+    assert str(remote.checkpoint("s3://bucket/ray/x")) == "s3://bucket/ray/x"  # a URL stays one
+    assert local.checkpoint(str(tmp_path / "runs" / "c")).url == str(tmp_path / "runs" / "c")
     folder = tmp_path / "ckpt"
     save_checkpoint({"x": torch.ones(1)}, str(folder / CKPT_FILE))
-    with Storage(f"file://{tmp_path}").checkpoint(str(folder)).as_directory() as d:
+    ckpt = Storage(f"file://{tmp_path}").checkpoint(str(folder))  # a local folder stays one
+    assert ckpt.url == str(folder) and ckpt.load()["x"].item() == 1.0
+    with ckpt.as_directory() as d:
         assert load_checkpoint(d)["x"].item() == 1.0
 
 

@@ -161,18 +161,19 @@ def test_index_cli_errors_are_one_line(served_model, tmp_path, capsys):
 
 
 def test_an_index_on_an_object_store_is_uploaded_whole_and_fetched(tmp_path):
-    """Any fsspec URL (memory:// here, s3:// in the cluster): index.json is uploaded last, readers
-    load a local copy."""
+    """Any fsspec URL (memory:// here, s3:// in tests/test_s3.py): a version uploaded whole, then
+    the pointer to it; readers load a local copy of the version the pointer names."""
     import fsspec
 
     from xray_match.serve.config import IndexConfig
-    from xray_match.serve.index import META, SearchIndex, fetch, write_index
+    from xray_match.serve.index import CURRENT, META, SearchIndex, fetch, write_index
 
     x, local = _random_index(tmp_path, "flat", n=30)
     url = "memory://indexes/flat-30"
     write_index(url, x, local.images, x[:2], {"text": ["t0", "t1"], "image": [0, 1]}, {"model": {}}, IndexConfig())
     fs = fsspec.filesystem("memory")
-    assert fs.exists(f"/indexes/flat-30/{META}")
+    version = json.loads(fs.cat_file(f"/indexes/flat-30/{CURRENT}"))["version"]
+    assert fs.exists(f"/indexes/flat-30/{version}/{META}")
     idx = SearchIndex.load(url)
     assert idx.path == url and idx.meta["images"] == 30
     assert fetch(url, cache=str(tmp_path / "cache")) == fetch(url, cache=str(tmp_path / "cache"))  # cached

@@ -142,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--maxcount", type=int, default=500, help="samples per shard")
     ds.add_argument("--workers", type=int, default=None, help="processes (default: min(4, cores))")
     ds.add_argument("--no-progress", action="store_true")
-    ds.set_defaults(func=_digit_scenes)
+    ds.set_defaults(func=_digit_scenes, stores={"out": "--out"})
     ver = dsub.add_parser("verify", help="read every sample; exit 1 naming each bad shard and key")
     ver.add_argument("dir")
     ver.add_argument("--no-checksums", action="store_true")
     ver.add_argument("--no-progress", action="store_true")
-    ver.set_defaults(func=_verify)
+    ver.set_defaults(func=_verify, stores={"dir": "data verify"})
     from xray_match.cli_data import add_convert_commands
 
     add_convert_commands(dsub)
@@ -203,10 +203,14 @@ def _job(kind: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from xray_match.preflight import EXPECTED, first_line
+    from xray_match.preflight import EXPECTED, check_store, first_line
 
     args = build_parser().parse_args(argv)
     try:
+        # the object stores a command names answer, and hold their buckets, before any work
+        for attr, label in getattr(args, "stores", {}).items():
+            if getattr(args, attr, None):
+                check_store(getattr(args, attr), label)
         return int(args.func(args) or 0)
     except EXPECTED as e:  # one line, exit 2, as the jobs do
         print(f"error: {first_line(e)}", file=sys.stderr, flush=True)

@@ -37,6 +37,7 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--captions-per-image", type=int, default=5,
                    help="captions kept per image (extras dropped and counted; fewer is a mismatch); 0 = all")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(stores={"out": "--out"})  # checked by xray-match before the command runs
     return p
 
 

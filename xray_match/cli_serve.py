@@ -98,11 +98,11 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     ix.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)")
     ix.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_settings(ix, IndexConfig, "index settings")
-    ix.set_defaults(func=_index)
+    ix.set_defaults(func=_index, stores={"data": "--data", "out": "--out"})
 
     sv = sub.add_parser("serve", help="the search service and web page on Ray Serve", formatter_class=FORMATTER)
     sv.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed when it moves), models:/NAME/VERSION or a checkpoint")
     sv.add_argument("--index", help="index folder (default: the one tagged on the model version by `xray-match index`)")
     sv.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or the local store)")
     _add_settings(sv, ServeConfig, "service settings")
-    sv.set_defaults(func=_serve)
+    sv.set_defaults(func=_serve, stores={"index": "--index"})

@@ -148,7 +148,8 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
             for run in {out.get("best_run_id"), out.get("parent_run_id")} - {None}:
                 log_metrics(out["tracking_uri"], run, out["test"])
     _print_summary("xray_match tune", {
-        "study": out["study"], "trials": out["trials"], "results": out["storage"], "tracking_uri": out["tracking_uri"],
+        "study": out["study"], "trials": out["trials"], "results": out["storage"],
+        "best_checkpoint": out.get("best_checkpoint"), "tracking_uri": out["tracking_uri"],
         "parent_run": out.get("parent_run_id"), "best_run": out.get("best_run_id"),
         "registered_model": _model_ref(cfg, out.get("model_version"), out.get("model_name")),
         "best_config": out.get("best_config"),

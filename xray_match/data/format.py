@@ -2,7 +2,12 @@
 
 A data set is a folder (local path or fsspec URL) holding ``manifest.json`` and WebDataset tar
 shards named ``{split}-{index:06d}.tar``. While a writer works on the folder its manifest says
-``"complete": false``; readers refuse such a folder. Each sample in a shard has the files
+``"complete": false``; readers refuse such a folder. Readers open only the shards the manifest
+lists, never what a listing finds: an object a killed writer left beside them is not data (verify
+names it, the writer's next run deletes it). This is what makes a folder on an object store,
+where nothing can be renamed, complete or refused: each shard and each manifest version appears
+whole on its one upload, and the upload that says ``"complete": true`` comes last
+(docs/shards.md). Each sample in a shard has the files
 
     <key>.jpg | <key>.png   the image (required, exactly one)
     <key>.json              metadata (required, see :func:`check_meta`)
@@ -22,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
+from xray_match.data.io import atomic_write_bytes, open_url
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -131,7 +136,7 @@ def find_manifest(root: str) -> Manifest | None:
     """The folder's manifest, complete or not; None when it has none."""
     path = join(root, MANIFEST)
     try:
-        with fsspec.open(path, "r") as fh:
+        with open_url(path, "r") as fh:
             d = json.load(fh)
     except FileNotFoundError:
         return None
@@ -165,9 +170,8 @@ def count_problems(root: str, manifest: Manifest) -> list[str]:
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
-    """Atomically replace the manifest (temp name, then rename; object stores write whole files)."""
-    from xray_match.data.io import atomic_write_bytes
-
+    """Atomically replace the manifest (temp name, then rename; on an object store one PUT, which
+    makes the new manifest appear whole)."""
     atomic_write_bytes(join(root, MANIFEST), json.dumps(manifest.to_json(), indent=1).encode())
 
 

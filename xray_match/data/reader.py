@@ -30,7 +30,6 @@ import random
 import tarfile
 from typing import Any, Callable, Iterable, Iterator
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
@@ -46,6 +45,7 @@ from xray_match.data.format import (
     read_manifest,
     sample_where,
 )
+from xray_match.data.io import open_url
 
 
 def shard_urls(root: str, split: str, manifest: Manifest | None = None) -> list[str]:
@@ -57,7 +57,7 @@ def iter_raw(url: str) -> Iterator[dict[str, Any]]:
     """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard (local or fsspec URL)."""
     last = "(start of shard)"
     try:
-        with fsspec.open(url, "rb") as fh:
+        with open_url(url, "rb") as fh:
             files = tariterators.tar_file_expander([{"url": url, "stream": fh}])
             for sample in tariterators.group_by_keys(files):
                 last = sample.get("__key__", last)

@@ -1,9 +1,12 @@
 """Atomic, resumable shard writing with a manifest; a folder is complete or says it is not.
 
-Each shard is written under a temporary name and renamed when complete; only then is it added
-to ``manifest.json`` (itself replaced atomically). A writer killed mid-shard therefore leaves no
-shard in the manifest, and re-running a conversion keeps the complete shards and rewrites the
-rest. Conversions must produce samples in a deterministic order for the resume to be exact.
+Each shard is written whole before it has its name (locally: under a temporary name, then
+renamed; on an object store, which cannot rename: to local disk, then one upload, which makes the
+object appear whole or not at all); only then is it added to ``manifest.json`` (itself replaced
+the same way). A writer killed mid-shard therefore leaves no shard in the manifest, at most an
+unlisted file or object beside it that no reader opens, and re-running a conversion keeps the
+complete shards and rewrites the rest. Conversions must produce samples in a deterministic order
+for the resume to be exact.
 
 A write starts by marking the manifest incomplete (:func:`open_folder` refuses a non-empty folder
 that holds no manifest: it is not ours to overwrite) and ends in :func:`finish_write`, which marks
@@ -17,12 +20,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import posixpath
 import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
-import fsspec
 import webdataset as wds
 from tqdm.auto import tqdm
 
@@ -39,44 +41,49 @@ from xray_match.data.format import (
     shard_name,
     write_manifest,
 )
-from xray_match.data.io import is_temp_name, list_names, local_path, remove, temp_path
+from xray_match.data.io import filesystem, is_temp_name, list_names, local_path, open_url, remove, write_atomic
 
 
 def sha256_file(path: str) -> tuple[str, int]:
     h = hashlib.sha256()
     n = 0
-    with fsspec.open(path, "rb") as fh:
+    with open_url(path, "rb") as fh:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
             n += len(chunk)
     return h.hexdigest(), n
 
 
+class _Hashing:
+    """A write-only stream that hashes and counts what passes through it to ``fh``."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.sha256, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+
 def write_shard(path: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
-    """Write one tar shard atomically; returns its manifest entry."""
-    local = local_path(path)
-    tmp = temp_path(os.path.abspath(local) if local is not None else os.path.join(tempfile.gettempdir(), os.path.basename(path)))
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    """Write one tar shard atomically (:func:`~xray_match.data.io.write_atomic`: a rename
+    locally, one upload on an object store); returns its manifest entry."""
     count = 0
-    try:
-        with wds.TarWriter(tmp) as sink:
+    stream: _Hashing | None = None
+
+    def write(fh: IO[bytes]) -> None:
+        nonlocal count, stream
+        stream = _Hashing(fh)
+        with wds.TarWriter(stream) as sink:
             for sample in samples:
                 if "__key__" not in sample:
                     raise ShardFormatError(f"{path}: sample {count} has no __key__")
                 sink.write(sample)
                 count += 1
-        digest, nbytes = sha256_file(tmp)
-        if local is not None:
-            os.replace(tmp, local)
-        else:
-            fs, p = fsspec.core.url_to_fs(path)
-            fs.put_file(tmp, p)
-            os.remove(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return ShardInfo(name=os.path.basename(path), count=count, sha256=digest, bytes=nbytes)
+
+    write_atomic(path, write)
+    return ShardInfo(name=posixpath.basename(path), count=count, sha256=stream.sha256.hexdigest(), bytes=stream.bytes)
 
 
 # ----------------------------------------------------------------------------- a folder's life: open, fill, finish
@@ -113,7 +120,9 @@ def finish_write(root: str, manifest: Manifest) -> Manifest:
     Refused (the folder stays incomplete) while a split holds another count than planned. The
     deletion comes after the complete manifest is in place: a crash in between leaves a complete
     data set beside files that ``verify`` names, never a manifest listing a deleted shard. Only
-    names a writer gives are deleted (``<split>-NNNNNN.tar`` and hidden temp files)."""
+    names a writer gives are deleted (``<split>-NNNNNN.tar`` and hidden temp files): on an object
+    store, where a killed writer leaves no temp files, what it leaves is shards it uploaded but
+    never listed, and those go here."""
     short = count_problems(root, manifest)
     if short:
         raise ShardFormatError(f"{short[0]}; the folder stays marked incomplete")
@@ -127,7 +136,7 @@ def finish_write(root: str, manifest: Manifest) -> Manifest:
 
 
 def _complete(root: str, entry: ShardInfo) -> bool:
-    fs, p = fsspec.core.url_to_fs(join(root, entry.name))
+    fs, p = filesystem(join(root, entry.name))
     try:
         return fs.size(p) == entry.bytes
     except FileNotFoundError:
@@ -284,7 +293,7 @@ def write_samples(
 
 def remove_tree(root: str) -> None:
     if "://" in root:
-        fs, p = fsspec.core.url_to_fs(root)
+        fs, p = filesystem(root)
         fs.rm(p, recursive=True)
     else:
         shutil.rmtree(root, ignore_errors=True)

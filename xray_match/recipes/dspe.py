@@ -51,10 +51,10 @@ def fit_text(cfg: Config, texts: list[str]) -> dict[str, Any]:
 
 
 def _reachable(path: str) -> bool:
-    import fsspec
+    from xray_match.data.io import filesystem
 
     try:
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, p = filesystem(path)
         return bool(fs.exists(p))
     except Exception:
         return False

@@ -274,10 +274,10 @@ class PhraseInference:
 def load_hard_negatives(path: str) -> dict[str, dict[str, list[list[float]]]]:
     """``{image key: {phrase key: [[x0, y0, x1, y1], ...]}}`` written by
     :func:`xray_match.studies.dspe_localize.mine_hard_negatives`."""
-    import fsspec
+    from xray_match.data.io import open_url
 
     try:
-        with fsspec.open(path, "r") as fh:
+        with open_url(path, "r") as fh:
             d = json.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"dspe.hard_negatives: {path!r} does not exist") from None

@@ -228,24 +228,13 @@ def build_app(args: dict[str, Any]):
 def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[Any, str]:
     """Check in the driver what a replica would refuse (Serve retries failing replicas for minutes):
     the model resolves, the index exists, is readable and was built for that version."""
-    import json
-
-    from xray_match.serve.index import META, IndexFormatError, SearchIndex
+    from xray_match.serve.index import IndexFormatError, read_meta
 
     ref = resolve(model, tracking_uri)
     index = index or index_of(ref)
     if not index:
         raise LookupError(f"{ref.pinned}: no --index given and none tagged on the version (run `xray-match index`)")
-    import fsspec
-
-    from xray_match.data.format import join
-
-    try:
-        with fsspec.open(join(index, META), "r") as fh:
-            built_for = json.load(fh).get("model", {})
-    except FileNotFoundError:
-        SearchIndex.load(index)  # raises the reader's error naming the folder
-        raise
+    built_for = read_meta(index).get("model", {})  # the reader's error, naming the folder, if it is none
     if ref.registered and built_for.get("name") == ref.name and str(built_for.get("version")) != ref.version:
         raise IndexFormatError(f"{index}: built for {ref.name} version {built_for.get('version')}, not version {ref.version}")
     return ref, index

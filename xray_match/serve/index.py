@@ -13,8 +13,22 @@ A folder (format version 1)::
     captions.faiss   faiss index of caption vectors, row j = captions.json row j
     captions.json    columns text / image (row of the caption's image in images.json)
 
-Nothing is pickled: faiss's own format and JSON. The folder is written under a hidden temporary
-name and renamed into place, so a reader sees the old index or the whole new one.
+Nothing is pickled: faiss's own format and JSON. A local folder is written under a hidden
+temporary name and renamed into place, so a reader sees the old index or the whole new one.
+
+An object store cannot rename a folder, and a reader that copies five objects one by one could
+copy some of an old index and some of a new one if they were overwritten in place. There the
+index is written as a *version* that is never changed afterwards, and published by one small
+pointer object, written last; one PUT replaces an object whole, so a reader sees the old pointer
+or the new one, and either names a version all of whose objects are in place::
+
+    URL/current.json         {"format_version": 1, "version": "v-20261206T101500-1a2b3c4d"}
+    URL/v-.../index.json, images.faiss, images.json, captions.faiss, captions.json
+
+A writer killed before the pointer leaves an unpublished version that no reader opens; the next
+write deletes it (and every version but the new one and the one it replaces, which a reader that
+read the old pointer a moment ago may still be copying). Readers load a local copy of the
+version the pointer names (:func:`fetch`, cached by URL and version).
 """
 
 from __future__ import annotations
@@ -32,11 +46,15 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from xray_match.data.format import join
+from xray_match.data.io import atomic_write_bytes, filesystem, local_path, open_url
 from xray_match.serve.config import IndexConfig
 from xray_match.serve.model import INDEX_TAG
 
 FORMAT_VERSION = 1
 META = "index.json"
+#: on an object store: the pointer to the published version (written last, see the module doc)
+CURRENT = "current.json"
 IMAGE_COLUMNS = ("key", "split", "shard", "offset", "size", "ext")
 MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 
@@ -60,9 +78,7 @@ def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
     ``row``: ``{"root", "shard", "split"}``. Errors name shard and key.
     """
-    import fsspec
-
-    from xray_match.data.format import IMAGE_EXTS, join
+    from xray_match.data.format import IMAGE_EXTS
 
     url = join(row["root"], row["shard"])
     current: dict[str, Any] = {}
@@ -78,7 +94,7 @@ def read_shard(row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         return sample
 
     try:
-        with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        with open_url(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -183,18 +199,19 @@ def _write_json(path: str, obj: Any) -> None:
 
 def write_index(out: str, image_vectors: np.ndarray, images: dict[str, list], caption_vectors: np.ndarray,
                 captions: dict[str, list], meta: dict[str, Any], cfg: IndexConfig | None = None) -> str:
-    """Write an index folder atomically; ``images`` / ``captions`` are the JSON columns."""
+    """Write an index folder atomically (a local folder, or a published version on an object
+    store); ``images`` / ``captions`` are the JSON columns. Returns ``out``."""
     import faiss
 
     cfg = cfg or IndexConfig()
-    if "://" in out:  # object store: write locally, then upload with index.json last
+    if local_path(out) is None:  # object store: written locally, then published as a new version
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="xray-index-") as d:
             local = write_index(os.path.join(d, "index"), image_vectors, images, caption_vectors, captions, meta, cfg)
-            _upload(local, out)
+            publish(local, out)
         return out
-    out = os.path.abspath(out)
+    out = os.path.abspath(local_path(out))
     if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not os.path.isfile(os.path.join(out, META)))):
         raise IndexFormatError(f"{out}: exists and is not an index folder (no {META}); refusing to replace it")
     n, m = len(image_vectors), len(caption_vectors)
@@ -233,43 +250,88 @@ def write_index(out: str, image_vectors: np.ndarray, images: dict[str, list], ca
 INDEX_FILES = ("images.faiss", "images.json", "captions.faiss", "captions.json")
 
 
-def _upload(local: str, url: str) -> None:
-    """Copy an index folder to an object store; ``index.json`` goes last, so a reader that finds it
-    finds the whole index (each object appears whole on its PUT)."""
-    import fsspec
+def _version_name() -> str:
+    """A new version's name: sorts by creation time, unique across writers."""
+    return f"v-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
-    from xray_match.data.format import join
 
-    for name in (*INDEX_FILES, META):
-        with open(os.path.join(local, name), "rb") as src, fsspec.open(join(url, name), "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+def _pointer(url: str) -> str | None:
+    """The version ``URL/current.json`` names, or None when there is no pointer."""
+    try:
+        with open_url(join(url, CURRENT), "r") as fh:
+            body = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise IndexFormatError(f"{join(url, CURRENT)}: not valid JSON ({e})") from None
+    if not isinstance(body, dict) or body.get("format_version") != FORMAT_VERSION or not isinstance(body.get("version"), str):
+        raise IndexFormatError(f"{join(url, CURRENT)}: not an index pointer of format_version {FORMAT_VERSION} ({body!r})")
+    return body["version"]
+
+
+def publish(local: str, url: str) -> str:
+    """Upload the index folder ``local`` to the object store prefix ``url`` as a new version, then
+    point ``URL/current.json`` at it (the module doc says why this order makes readers safe).
+    Returns the version. A prefix that holds objects but no pointer is not an index: refused."""
+    fs, root = filesystem(url)
+    previous = _pointer(url)
+    if previous is None and fs.exists(root) and fs.ls(root, detail=False):
+        raise IndexFormatError(f"{url}: exists and is not an index (no {CURRENT}); refusing to write into it")
+    version = _version_name()
+    for name in (*INDEX_FILES, META):  # each object appears whole on its upload
+        fs.put_file(os.path.join(local, name), f"{root.rstrip('/')}/{version}/{name}")
+    atomic_write_bytes(join(url, CURRENT), json.dumps({"format_version": FORMAT_VERSION, "version": version}).encode())
+    # versions no pointer names any more, and unpublished ones of killed writers; the one just
+    # replaced stays for readers that read the old pointer a moment ago
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("v-") and name not in (version, previous):
+            fs.rm(entry, recursive=True)
+    return version
+
+
+def version_url(url: str) -> str:
+    """The published version of the index at the object store prefix ``url``."""
+    version = _pointer(url)
+    if version is None:
+        raise IndexFormatError(f"{url}: no {CURRENT} (not an index, or its first upload has not finished; "
+                               f"build one with `xray-match index`)")
+    return join(url, version)
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """The ``index.json`` of an index folder or object store index, without loading the index."""
+    meta_path = os.path.join(local_path(path), META) if local_path(path) is not None else join(version_url(path), META)
+    try:
+        with open_url(meta_path, "r") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise IndexFormatError(f"{path}: no {META} (not an index folder; build one with `xray-match index`)") from None
 
 
 def fetch(url: str, cache: str | None = None) -> str:
-    """An index on an object store (``s3://...``) -> a local copy (cached by URL and creation time)."""
+    """An index on an object store (``s3://...``) -> a local copy of its published version (cached
+    by URL and version: a version never changes)."""
     import hashlib
 
-    import fsspec
-
     from xray_match.config import xray_home
-    from xray_match.data.format import join
 
-    try:
-        with fsspec.open(join(url, META), "rb") as fh:
-            meta = fh.read()
-    except FileNotFoundError:
-        raise IndexFormatError(f"{url}: no {META} (not an index, or its upload has not finished)") from None
-    digest = hashlib.sha256(url.encode() + meta).hexdigest()[:16]
-    local = os.path.join(cache or str(xray_home() / "index-cache"), digest)
+    source = version_url(url)
+    local = os.path.join(cache or str(xray_home() / "index-cache"), hashlib.sha256(source.encode()).hexdigest()[:16])
     if os.path.isfile(os.path.join(local, META)):
         return local
+    fs, root = filesystem(source)
     tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
-    for name in INDEX_FILES:
-        with fsspec.open(join(url, name), "rb") as src, open(os.path.join(tmp, name), "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    with open(os.path.join(tmp, META), "wb") as fh:
-        fh.write(meta)
+    try:
+        for name in (*INDEX_FILES, META):
+            fs.get_file(f"{root.rstrip('/')}/{name}", os.path.join(tmp, name))
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never a partial copy in the cache
+        if isinstance(e, FileNotFoundError):
+            raise IndexFormatError(f"{source}: an object of this version is gone (replaced twice while being "
+                                   f"read?); load {url} again") from None
+        raise
     try:
         os.rename(tmp, local)
     except OSError:  # another replica fetched it first
@@ -293,8 +355,7 @@ class SearchIndex:
         import faiss
 
         source = path
-        if "://" in path:
-            path = fetch(path)
+        path = local_path(path) if local_path(path) is not None else fetch(path)
         meta_path = os.path.join(path, META)
         if not os.path.isfile(meta_path):
             raise IndexFormatError(f"{path}: no {META} (not an index folder; build one with `xray-match index`)")
@@ -315,7 +376,7 @@ class SearchIndex:
             if index.d != meta["dim"]:
                 raise IndexFormatError(f"{path}/{what}.faiss: dimension {index.d}, {META} says {meta['dim']}")
             _search_params(index, meta)
-        return cls(source if "://" in source else os.path.abspath(path), meta, img, cap, images, captions)
+        return cls(source if local_path(source) is None else os.path.abspath(path), meta, img, cap, images, captions)
 
     @property
     def dim(self) -> int:
@@ -342,14 +403,10 @@ class SearchIndex:
 
     def image_bytes(self, row: int) -> tuple[bytes, str] | None:
         """The image of ``row`` read from its shard (one ranged read), with its MIME type."""
-        import fsspec
-
-        from xray_match.data.format import join
-
         rec = self.image_record(row)
         if not rec["shard"] or not self.meta.get("data"):
             return None  # synthetic entries have no pixels
-        with fsspec.open(join(self.meta["data"], rec["shard"]), "rb") as fh:
+        with open_url(join(self.meta["data"], rec["shard"]), "rb") as fh:
             fh.seek(int(rec["offset"]))
             data = fh.read(int(rec["size"]))
         return data, MIME.get(rec["ext"], "application/octet-stream")
@@ -434,12 +491,7 @@ def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None,
     log(f"index written to {path}: {len(order)} images, {len(captions['text'])} captions, "
         f"dim {img['emb'].shape[1]}, {cfg.kind}" + (f"; tagged {INDEX_TAG} on {ref.name} version {ref.version}"
                                                     if ref.registered else ""))
-    import fsspec
-
-    from xray_match.data.format import join
-
-    with fsspec.open(join(path, META), "r") as fh:
-        return json.load(fh) | {"path": path}
+    return read_meta(path) | {"path": path}
 
 
 def decode_image(data: bytes):

@@ -45,11 +45,12 @@ def ensure_data(cfg: Config, root: str | None = None, progress: bool = True, wor
 def study_trials(study_dir: str) -> list[dict[str, Any]]:
     """Each trial of a Tune study folder: its sampled config (dotted keys), last metrics and
     checkpoint path, read from the trials' ``result.json``."""
-    import fsspec
-
+    from xray_match.data.io import filesystem
+    from xray_match.train.checkpoint import Storage
     from xray_match.tune.tuner import decode_keys
 
-    fs, root = fsspec.core.url_to_fs(study_dir)
+    fs, root = filesystem(study_dir)
+    study = Storage(study_dir)  # Tune wrote the checkpoint paths without the URL's scheme
     rows = []
     for path in sorted(fs.glob(f"{root.rstrip('/')}/*/result.json")):
         with fs.open(path, "r") as fh:
@@ -60,7 +61,7 @@ def study_trials(study_dir: str) -> list[dict[str, Any]]:
         rows.append({"trial_id": last.get("trial_id", ""),
                      "config": decode_keys(last.get("config", {})),
                      "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                     "checkpoint": last.get("checkpoint_path")})
+                     "checkpoint": study.checkpoint(last["checkpoint_path"]).url if last.get("checkpoint_path") else None})
     return rows
 
 

@@ -169,16 +169,18 @@ class TrackingSession:
 
     def register(self, checkpoint: Any, run_id: str, metrics: dict[str, Any], info: Any, *,
                  cfg: Config | None = None, extra_tags: dict[str, str] | None = None) -> int:
-        """Log ``checkpoint`` (a Ray Checkpoint or a folder) as a model of ``run_id``, register it
-        as a new version of :func:`~xray_match.tracking.store.registered_model_name` of ``cfg``
-        (default: the session's) with alias ``champion`` and tags; returns the version."""
+        """Log ``checkpoint`` (a :class:`~xray_match.train.checkpoint.StoredCheckpoint` or a local
+        folder) as a model of ``run_id``, register it as a new version of
+        :func:`~xray_match.tracking.store.registered_model_name` of ``cfg`` (default: the
+        session's) with alias ``champion`` and tags (``checkpoint``: where it came from, as a URL
+        under an object store); returns the version."""
         from xray_match.registry import RECIPES
         from xray_match.tracking.registry import log_and_register
 
         cfg = cfg or self.cfg
         metric = RECIPES.get(cfg.model.name).metric
         tags = {"metric": metric, "metric_value": str(metrics.get(metric, "")), "dataset": getattr(info, "dataset", ""),
-                "data_path": getattr(info, "root", ""), "run_id": run_id} | (extra_tags or {})
+                "data_path": getattr(info, "root", ""), "run_id": run_id, "checkpoint": str(checkpoint)} | (extra_tags or {})
         name = registered_model_name(cfg)
         if hasattr(checkpoint, "as_directory"):
             with checkpoint.as_directory() as d:

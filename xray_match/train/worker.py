@@ -174,11 +174,14 @@ def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | 
     session = TrackingSession(cfg)
     run_id = session.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
     result = build_trainer(cfg, info, mlflow=session.worker_spec(run_id)).fit()
-    out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                           "run_id": run_id, "storage": run_storage(cfg).root}
+    storage = run_storage(cfg)
+    # Ray's path of a checkpoint under an s3:// root has no scheme: the storage puts it back
+    ckpt = storage.checkpoint(result.checkpoint.path) if result.checkpoint else None
+    out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": ckpt.url if ckpt else None,
+                           "run_id": run_id, "storage": storage.root}
     do_register = cfg.tracking.register if register is None else register
-    if do_register and result.checkpoint is not None and cfg.tracking.enabled:
-        out["model_version"] = session.register(result.checkpoint, run_id, out["metrics"], info)
+    if do_register and ckpt is not None and cfg.tracking.enabled:
+        out["model_version"] = session.register(ckpt, run_id, out["metrics"], info)
     session.end_run(run_id)
     return out
 

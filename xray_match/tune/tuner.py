@@ -144,9 +144,9 @@ def fit_local_resources(cfg: Config, concurrent: int) -> Config:
 
 def latest_study(root: str, model: str) -> str | None:
     """The newest ``tune-<model>-<timestamp>`` study folder under a storage root (local or URL)."""
-    import fsspec
+    from xray_match.data.io import filesystem
 
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = filesystem(root)
     if not fs.isdir(path):
         return None
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
@@ -249,16 +249,18 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
             log_texts(session.uri, parent, {"grid.md": out["table"]}, artifact_path="tables")
     best_values = decode_keys(best.config)
     out |= {"best_config": best_values, "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}}
-    ckpt_path = out["best_checkpoint"] = best.metrics.get("checkpoint_path")
+    # Tune reports the path inside the storage's file system (no scheme under s3://): keep the URL
+    ckpt = storage.checkpoint(best.metrics["checkpoint_path"]) if best.metrics.get("checkpoint_path") else None
+    out["best_checkpoint"] = ckpt.url if ckpt else None
     if session.enabled:
         session.log_metrics(parent, {f"best/{k}": v for k, v in out["best_metrics"].items() if k.startswith("val/")})
         out["best_run_id"] = session.find_child_run(parent, {"ray_trial_id": str(best.metrics.get("trial_id", ""))}) \
             or parent
-        if cfg.tracking.register and ckpt_path:
+        if cfg.tracking.register and ckpt is not None:
             best_cfg = cfg.with_overrides(best_values)
             out["model_name"] = registered_model_name(best_cfg)
             out["model_version"] = session.register(
-                storage.checkpoint(ckpt_path), out["best_run_id"], best.metrics, info, cfg=best_cfg,
+                ckpt, out["best_run_id"], best.metrics, info, cfg=best_cfg,
                 extra_tags={"trial_id": str(best.metrics.get("trial_id", "")), "study": study})
         session.end_run(parent)
     return out

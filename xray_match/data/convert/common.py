@@ -33,13 +33,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import fsspec
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from xray_match.data.format import MANIFEST, Manifest, ShardInfo, join, write_manifest
-from xray_match.data.io import exists, isdir, list_names  # the converters take them from here
+from xray_match.data.io import exists, filesystem, isdir, list_names, open_url  # the converters take them from here
 from xray_match.data.writer import (
     _complete,
     add_shard,
@@ -152,7 +151,7 @@ class Problems:
 
 def read_bytes(path: str) -> bytes:
     try:
-        with fsspec.open(path, "rb") as fh:
+        with open_url(path, "rb") as fh:
             return fh.read()
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
@@ -257,7 +256,7 @@ def image_size(path: str, full_decode: bool = False) -> tuple[int, int]:
     """(width, height) from the header (only the first bytes are read); ``full_decode`` also
     decodes the pixels (at 1/8 scale for JPEG) so that truncated or corrupt files are caught."""
     try:
-        with fsspec.open(path, "rb") as fh:
+        with open_url(path, "rb") as fh:
             im = Image.open(fh)
             size = im.size
             if full_decode:
@@ -381,7 +380,7 @@ class NpyRows:
 
     def __init__(self, path: str):
         self.path = path
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, p = filesystem(path)
         try:
             with fs.open(p, "rb") as fh:
                 version = np.lib.format.read_magic(fh)
@@ -413,7 +412,7 @@ class NpyRows:
 
     def row(self, i: int) -> np.ndarray:
         if self._fh is None:
-            fs, p = fsspec.core.url_to_fs(self.path)
+            fs, p = filesystem(self.path)
             self._fh = fs.open(p, "rb")
         self._fh.seek(self.offset + i * self.row_bytes)
         buf = self._fh.read(self.row_bytes)
@@ -738,5 +737,5 @@ def options_info(opts: ConvertOptions, **more: Any) -> dict[str, Any]:
 __all__ = [
     "ConversionError", "ConvertOptions", "Problems", "SplitPlan", "ImageSampleBuilder", "NpyRows",
     "PLACEHOLDER_PNG", "write_plans", "write_records", "karpathy_records", "take_captions", "load_image",
-    "exists", "isdir", "list_names",
+    "exists", "filesystem", "isdir", "list_names",
 ]

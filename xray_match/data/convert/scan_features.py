@@ -43,7 +43,6 @@ import os
 import posixpath
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from xray_match.data.convert.common import (
@@ -55,6 +54,7 @@ from xray_match.data.convert.common import (
     SplitPlan,
     box_problem,
     exists,
+    filesystem,
     npy_bytes,
     options_info,
     read_bytes,
@@ -82,7 +82,7 @@ class PrecompBuilder:
     def describe(self) -> dict[str, Any]:
         sizes = {}
         for path in list(self.ims.values()) + list(self.boxes.values()):
-            fs, p = fsspec.core.url_to_fs(path)
+            fs, p = filesystem(path)
             sizes[path] = fs.size(p)
         return {"builder": "precomp", "ims": self.ims, "boxes": self.boxes, "bytes": sizes}
 
