@@ -87,7 +87,7 @@ def s3_store(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("s3-store"))
     saved: dict[str, str | None] = {}
     try:
-        state = devcluster.up(folder, services=("s3",))
+        state = devcluster.up(folder, services=("s3",), owner_pid=os.getpid())
         env = {k: v for k, v in state.exports().items() if k.startswith("AWS_") or k == "XRAY_BUCKET"}
         saved = {k: os.environ.get(k) for k in (*env, *_S3_OVERRIDES)}
         for k in _S3_OVERRIDES:

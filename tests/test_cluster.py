@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("dev-cluster")
     try:
-        state = devcluster.up(str(folder), workers=2, cpus_per_node=1)
+        state = devcluster.up(str(folder), workers=2, cpus_per_node=1, owner_pid=os.getpid())
         home = tmp_path_factory.mktemp("fresh-home")  # no ~/.ray/auth_token, no ~/.cache: as a new user
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_"))}
         env |= state.exports() | {"HOME": str(home), "XRAY_MATCH_HOME": str(home / "xray"),
@@ -91,8 +91,10 @@ def s3(cluster):
     import s3fs
 
     st = cluster["state"]
+    # no listing cache: the tests poll folders that jobs are writing
     return s3fs.S3FileSystem(key=st.secrets["s3_key"], secret=st.secrets["s3_secret"],
-                             endpoint_url=f"http://127.0.0.1:{st.ports['s3']}")
+                             endpoint_url=f"http://127.0.0.1:{st.ports['s3']}", use_listings_cache=False,
+                             skip_instance_cache=True)
 
 
 def mlflow_client(cluster, user: str = "admin"):
@@ -261,16 +263,6 @@ def _finish(cluster, sid: str, expect: str = "SUCCEEDED") -> str:
     return log
 
 
-def _sample_log(folder: Path) -> dict[int, dict[int, list[str]]]:
-    """rank -> step -> shard keys of the workers' audit trail (a step trained twice: the last time)."""
-    out: dict[int, dict[int, list[str]]] = {}
-    for path in sorted(folder.glob("samples-rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            out.setdefault(row["rank"], {})[row["step"]] = row["keys"]
-    return out
-
-
 def _node_service(cluster, node_id: str) -> str:
     """The dev cluster's service name (``ray-w1``) of a Ray node id."""
     for n in state_api(cluster, "nodes?limit=100&detail=true"):
@@ -298,6 +290,8 @@ def test_a_worker_node_killed_mid_epoch_resumes_from_the_bucket(cluster, tmp_pat
     and the run ends with the same step count, the same samples on every rank in the same order, and
     the same weights as an undisturbed run."""
     import torch
+
+    from test_ray_moco import _sample_log
 
     from xray_match import devcluster
     from xray_match.train.worker import FAULT_ENV, SAMPLE_LOG_ENV

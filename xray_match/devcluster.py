@@ -235,21 +235,50 @@ def spawn(state: State, name: str, cmd: list[str], *, env: dict[str, str] | None
     return svc
 
 
-def stop_services(state: State, names: list[str], timeout_s: float = 15.0) -> None:
-    """Stop services' whole process groups together: each one's stop signal, then SIGKILL for
-    what still runs after ``timeout_s``."""
-    svcs = [state.services[n] for n in names if n in state.services]
-    for svc in svcs:
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat") as fh:
+                    kids.setdefault(int(fh.read().split(") ", 1)[1].split()[1]), []).append(int(entry))
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants. Ray's raylet starts workers in sessions of their own, so a
+    node's process group is not all of the node: its tree is."""
+    kids, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _signal_tree(svc: Service, sig: int, tree: list[int]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(svc.pid, sig)
+    for p in tree:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(svc.pid, svc.stop_signal)
+            os.kill(p, sig)
+
+
+def stop_services(state: State, names: list[str], timeout_s: float = 15.0) -> None:
+    """Stop services together, each with everything it started: its stop signal to its process
+    group and tree, then SIGKILL for what still runs after ``timeout_s``."""
+    svcs = [state.services[n] for n in names if n in state.services]
+    trees = {svc.name: process_tree(svc.pid) for svc in svcs}  # before a parent dies and its children move
+    for svc in svcs:
+        _signal_tree(svc, svc.stop_signal, trees[svc.name])
     deadline = time.monotonic() + timeout_s
     while any(_alive(svc.pid) for svc in svcs) and time.monotonic() < deadline:
         for svc in svcs:
             _reap(svc.pid)
         time.sleep(0.2)
     for svc in svcs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(svc.pid, signal.SIGKILL)
+        _signal_tree(svc, signal.SIGKILL, trees[svc.name] + [p for p in process_tree(svc.pid) if p not in trees[svc.name]])
         _reap(svc.pid)
 
 
@@ -258,10 +287,9 @@ def stop_service(state: State, name: str, timeout_s: float = 15.0) -> None:
 
 
 def kill_service(state: State, name: str) -> None:
-    """SIGKILL a service's process group at once (a lost node: no cleanup, no goodbye)."""
+    """SIGKILL a service and everything it started, at once (a lost node: no cleanup, no goodbye)."""
     svc = state.services[name]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(svc.pid, signal.SIGKILL)
+    _signal_tree(svc, signal.SIGKILL, process_tree(svc.pid))
     _reap(svc.pid)
 
 
@@ -553,7 +581,7 @@ SERVICES = ("s3", "postgres", "mlflow", "ray")
 
 
 def up(folder: str | None = None, *, workers: int = 2, cpus_per_node: int = 1, bucket: str = "xray-bucket",
-       services: tuple[str, ...] = SERVICES) -> State:
+       services: tuple[str, ...] = SERVICES, owner_pid: int | None = None) -> State:
     """Start the stack (or refuse if this folder already runs one); returns its state. ``services``
     picks a part of it in dependency order (e.g. ``("s3",)``: the object store alone, for the
     storage tests and benchmarks; ``mlflow`` needs ``s3`` and ``postgres``)."""
@@ -562,6 +590,9 @@ def up(folder: str | None = None, *, workers: int = 2, cpus_per_node: int = 1, b
         raise DevClusterError(f"services: unknown {sorted(unknown)} (known: {', '.join(SERVICES)})")
     if "mlflow" in services and not {"s3", "postgres"} <= set(services):
         raise DevClusterError("services: mlflow needs s3 and postgres")
+    # ``owner_pid``: a test session that owns the cluster. A watchdog stops it (and deletes its data)
+    # when that process is gone, even if it was killed before its own cleanup could run (a test's
+    # time limit ends the process with os._exit).
     folder = os.path.abspath(folder or default_dir())
     os.makedirs(folder, exist_ok=True)
     if os.path.exists(os.path.join(folder, STATE_FILE)):
@@ -582,6 +613,10 @@ def up(folder: str | None = None, *, workers: int = 2, cpus_per_node: int = 1, b
         pg_dir=os.path.join(tmp, f"xm-pg-{key}") if os.geteuid() == 0 else os.path.join(folder, "postgres"),
     )
     state.save()
+    if owner_pid is not None:
+        subprocess.Popen([sys.executable, "-m", "xray_match.devcluster", "watch", str(owner_pid), folder],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     def mlflow_and_ray() -> None:  # the two slow starts overlap
         spawn_mlflow(state)
         if "ray" in services:
@@ -650,15 +685,8 @@ def status(folder: str | None = None) -> dict[str, bool]:
 
 
 def node_pids(state: State, name: str) -> list[int]:
-    """Every process of a service's group (a Ray node: ``ray start``, its raylet, its workers)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{entry}/stat") as fh:
-                    if int(fh.read().split(") ", 1)[1].split()[2]) == state.services[name].pid:
-                        out.append(int(entry))
-    return out
+    """Every process of a service (a Ray node: ``ray start``, its raylet, agents and workers)."""
+    return process_tree(state.services[name].pid)
 
 
 def main_up(folder: str | None, workers: int, cpus: int, bucket: str) -> int:
@@ -682,6 +710,26 @@ def main_status(folder: str | None) -> int:
     for name, ok in status(folder).items():
         print(f"{name:>10}: {'running' if ok else 'stopped'}")
     return 0
+
+
+def watch(owner_pid: int, folder: str, every_s: float = 2.0) -> None:
+    """Stop the cluster in ``folder`` with ``purge`` once process ``owner_pid`` has ended; return
+    as soon as the cluster is stopped by anyone (its state file gone)."""
+    state_file = os.path.join(folder, STATE_FILE)
+    while os.path.exists(state_file):
+        try:
+            os.kill(owner_pid, 0)
+        except ProcessLookupError:
+            down(folder, purge=True)
+            return
+        except PermissionError:
+            pass
+        time.sleep(every_s)
+
+
+if __name__ == "__main__":  # the watchdog: python -m xray_match.devcluster watch PID FOLDER
+    if len(sys.argv) == 4 and sys.argv[1] == "watch":
+        watch(int(sys.argv[2]), sys.argv[3])
 
 
 __all__ = ["DevClusterError", "State", "Service", "up", "down", "status", "default_dir", "shell_exports",
