@@ -365,7 +365,9 @@ def start_s3(state: State) -> None:
     data = os.path.join(state.dir, "s3")
     os.makedirs(data, exist_ok=True)
     p = state.ports
-    spawn(state, "s3", stop_signal=signal.SIGINT, cmd=[weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    logs = os.path.join(state.dir, "s3-tmp")  # weed's own log files and sockets, out of the shared /tmp
+    os.makedirs(logs, exist_ok=True)
+    spawn(state, "s3", stop_signal=signal.SIGINT, env={"TMPDIR": logs}, cmd=[weed, f"-logdir={logs}", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                         f"-master.port={p['weed_master']}", f"-volume.port={p['weed_volume']}",
                         "-filer", f"-filer.port={p['weed_filer']}", "-s3", f"-s3.port={p['s3']}",
                         f"-s3.config={cfg}", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -666,11 +668,19 @@ def down(folder: str | None = None, *, purge: bool = False) -> list[str]:
                 _log(f"stopped {', '.join(group)} in {time.monotonic() - t0:.1f} s")
             stopped += group
         shutil.rmtree(state.ray_tmp, ignore_errors=True)
+        # SeaweedFS leaves its unix sockets in /tmp whatever TMPDIR says (seaweedfs-<kind>-<port>.sock)
+        import glob
+
+        for key in ("s3", "weed_master", "weed_volume", "weed_filer"):
+            for port in (state.ports[key], state.ports[key] + 10000):
+                for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                    with contextlib.suppress(OSError):
+                        os.remove(sock)
         os.remove(os.path.join(folder, STATE_FILE))
     if purge:
         key = hashlib.sha1(folder.encode()).hexdigest()[:8]
         shutil.rmtree(os.path.join(tempfile.gettempdir(), f"xm-pg-{key}"), ignore_errors=True)
-        for name in ("s3", "postgres", "logs", SECRETS_FILE, "s3.json", "mlflow-auth.ini"):
+        for name in ("s3", "s3-tmp", "postgres", "logs", SECRETS_FILE, "s3.json", "mlflow-auth.ini"):
             path = os.path.join(folder, name)
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)

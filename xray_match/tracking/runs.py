@@ -236,6 +236,10 @@ class RankZeroLogger:
             self._send("artifact", (path, f"figures/epoch{epoch:03d}"))
 
     def end(self) -> None:
+        if self.active and not self.pending and self._spool is not None:
+            import shutil
+
+            shutil.rmtree(self._spool, ignore_errors=True)
         if not (self.active and self.pending):
             return
         deadline = time.monotonic() + self.flush_timeout_s
