@@ -10,6 +10,7 @@ lives here). The cluster is always stopped, whatever fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -189,13 +190,23 @@ def test_users_path_end_to_end(cluster, mlflow_env):
         hits = _wait_for("an answer from the search service", answer, every_s=2.0)["results"]
         assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["id"] and h["split"] for h in hits), hits
     finally:
-        os.killpg(serve.pid, 15)
+        os.kill(serve.pid, 2)  # Ctrl-C: the CLI shuts Serve down
         try:
             serve.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, 9)
             serve.wait()
         log.close()
+        # Serve's apps outlive the process that started them: make sure none holds a CPU the
+        # next tests' workers need
+        st = cluster["state"]
+        req = urllib.request.Request(f"http://127.0.0.1:{st.ports['dashboard']}/api/serve/applications/",
+                                     method="DELETE", headers={"Authorization": f"Bearer {st.secrets['ray_token']}"})
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            urllib.request.urlopen(req, timeout=60).close()
+        _wait_for("Serve's replicas gone", lambda: not [
+            a for a in state_api(cluster, "actors?limit=1000&detail=true")
+            if a["state"] != "DEAD" and a.get("class_name", "").startswith("ServeReplica")], every_s=2.0)
 
 
 # ----------------------------------------------------------------------------- faults
