@@ -564,15 +564,6 @@ def _start_node(state: State, name: str, cpus: int, nodes: int) -> None:
             _log(f"  Ray node {name} did not start (attempt {attempt}); starting it again")
 
 
-def ready_ray(state: State, nodes: int) -> None:
-    _wait(f"Ray ({nodes} nodes)", state.services["ray-head"], lambda: len(alive_nodes(state)) >= nodes)
-
-
-def start_ray_worker(state: State, name: str, cpus: int = 1) -> None:
-    """Add (or bring back) a worker node ``name``."""
-    spawn(state, f"ray-{name}", _ray_node_cmd(state, name, False, cpus))
-
-
 READY = {"s3": ready_s3, "postgres": ready_postgres, "mlflow": ready_mlflow}
 
 
