@@ -17,6 +17,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+#: the slow tier: a test with one of these markers, or one that uses one of these fixtures, is marked
+#: ``slow`` here; other tests over a few seconds carry ``@pytest.mark.slow`` themselves.
+#: ``pytest -m "not slow"`` is the fast tier (docs/development.md); CI runs everything
+SLOW_MARKERS = ("ray", "s3", "cluster")
+SLOW_FIXTURES = {"ray_cluster", "ray_cluster_s3", "s3_store", "served_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(m) for m in SLOW_MARKERS) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_scenes(tmp_path_factory) -> str:
     """A real digit-scenes data set: 240 train / 60 val / 60 test images in 30-sample shards."""

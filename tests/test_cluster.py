@@ -329,7 +329,7 @@ def test_a_worker_node_killed_mid_epoch_resumes_from_the_bucket(cluster, tmp_pat
             devcluster.kill_service(state, victim)
         _finish(cluster, sid)
         runs[name] = (_latest_checkpoint(cluster, f"node-loss-{name}"), _sample_log(samples))
-    devcluster.start_ray_worker(state, victim.removeprefix("ray-"))  # the cluster whole again for the next tests
+    devcluster.restart_node(state, victim.removeprefix("ray-"))  # the cluster whole again for the next tests
     _wait_for("the node back", lambda: len(devcluster.alive_nodes(state)) == 3)
 
     (state0, keys0), (state1, keys1) = runs["undisturbed"], runs["killed"]
@@ -378,7 +378,7 @@ def test_a_killed_tune_driver_resumes_from_the_bucket(cluster, mlflow_env):
     fs = s3(cluster)
     study = "study-resume"
     args = ["jobs/tune_moco.py", "--data", cluster["data"], "--storage-path", f"s3://{bucket}/ray", "--name", study,
-            "--num-samples", "3", "--no-test-eval", "tune.trial_epochs=1", "train.epochs=1", "tracking.register=false",
+            "--num-samples", "3", "--no-test-eval", "tune.time_budget_s=3600", "tune.trial_epochs=1", "train.epochs=1", "tracking.register=false",
             *SMALL]
 
     def finished_trials() -> set[str]:

@@ -73,3 +73,19 @@ def test_unknown_key_in_a_preset_file(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="preset 'nope' not found"):
         load_config("nope")
+
+
+def test_a_tune_jobs_command_line_keys_are_fixed_for_every_trial():
+    """A key given to a tune job (flag or override) leaves the search space; nothing left is an error."""
+    from xray_match.launch import build_parser, command_line_keys
+    from xray_match.registry import SPACES
+    from xray_match.tune.tuner import hold_fixed
+
+    args = build_parser("tune", "moco_cpu", tune=True).parse_intermixed_args(
+        ["moco.sampler=queue", "--epochs", "2", "optim.lr=3e-2"])
+    assert sorted(command_line_keys(args)) == ["moco.sampler", "optim.lr", "train.epochs"]
+    space = SPACES.get("moco")(load_config("moco_cpu"))
+    rest, held = hold_fixed(space, command_line_keys(args), "moco")
+    assert sorted(held) == ["moco.sampler", "optim.lr"] and rest == {k: v for k, v in space.items() if k not in held}
+    with pytest.raises(ConfigError, match="search space 'moco': every key is fixed on the command line"):
+        hold_fixed(space, list(space), "moco")

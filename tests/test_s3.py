@@ -218,6 +218,8 @@ def test_a_tune_job_keeps_its_study_state_in_the_bucket_and_names_the_best_check
     assert out["storage"] == study and best.startswith(f"{study}-"), best
     assert tune.Tuner.can_restore(study)  # Tune's study state is in the bucket (what --resume reads)
     printed = capsys.readouterr().out
+    assert out["fixed"] == {"data.batch_size": 8} and "fixed for every trial (given on the command line): " \
+        "data.batch_size=8" in printed  # a key given on the command line leaves the search space
     assert re.search(rf"results: {re.escape(study)}$", printed, re.M) and re.search(
         rf"best_checkpoint: {re.escape(best)}$", printed, re.M), printed[-2000:]
     assert load_checkpoint(best)["loop"]["step"] == 2

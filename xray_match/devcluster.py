@@ -539,9 +539,16 @@ def alive_nodes(state: State) -> list[dict[str, Any]]:
 
 def start_ray(state: State, workers: int, cpus: int) -> None:
     os.makedirs(state.ray_tmp, exist_ok=True)
-    _start_node(state, "head", cpus, nodes=1)
+    _start_node(state, "head", cpus)
     for i in range(1, workers + 1):  # one at a time: on 2 busy cores, parallel starts time out
-        _start_node(state, f"w{i}", cpus, nodes=i + 1)
+        _start_node(state, f"w{i}", cpus)
+
+
+def restart_node(state: State, name: str) -> None:
+    """Start a lost Ray worker node again under its name (its CPUs as before) and wait until it joins."""
+    cmd = state.services[f"ray-{name}"].cmd
+    cpus = int(next(a.split("=", 1)[1] for a in cmd if a.startswith("--num-cpus=")))
+    _start_node(state, name, cpus)
 
 
 #: a node's start attempts: on a loaded machine a node gives up when its raylet has not registered
@@ -550,12 +557,18 @@ def start_ray(state: State, workers: int, cpus: int) -> None:
 NODE_ATTEMPTS = 5
 
 
-def _start_node(state: State, name: str, cpus: int, nodes: int) -> None:
-    """Start Ray node ``name`` and wait until the cluster has ``nodes`` alive nodes."""
+def _node_ids(state: State, name: str) -> set[str]:
+    """The alive nodes that carry node ``name``'s custom resource."""
+    return {n["node_id"] for n in alive_nodes(state) if f"node_{name}" in (n.get("resources_total") or {})}
+
+
+def _start_node(state: State, name: str, cpus: int) -> None:
+    """Start Ray node ``name`` and wait until a new node with its resource is alive in the cluster."""
     for attempt in range(1, NODE_ATTEMPTS + 1):
+        before = _node_ids(state, name) if name != "head" else set()
         svc = spawn(state, f"ray-{name}", _ray_node_cmd(state, name, name == "head", cpus))
         try:
-            _wait(f"Ray node {name}", svc, lambda: len(alive_nodes(state)) >= nodes)
+            _wait(f"Ray node {name}", svc, lambda: bool(_node_ids(state, name) - before))
             return
         except DevClusterError:
             stop_services(state, [f"ray-{name}"], 5.0)
@@ -734,4 +747,4 @@ if __name__ == "__main__":  # the watchdog: python -m xray_match.devcluster watc
 
 
 __all__ = ["DevClusterError", "State", "Service", "up", "down", "status", "default_dir", "shell_exports",
-           "stop_service", "kill_service", "restart_service", "start_ray_worker", "alive_nodes", "node_pids"]
+           "stop_service", "kill_service", "restart_service", "restart_node", "alive_nodes", "node_pids"]

@@ -58,6 +58,15 @@ def build_parser(description: str, preset: str, tune: bool) -> argparse.Argument
     return p
 
 
+def command_line_keys(args: argparse.Namespace) -> list[str]:
+    """The config keys given on the command line, as flags or dotted overrides (a tune job fixes
+    them for every trial)."""
+    from xray_match.config import _split_override
+
+    keys = [FLAG_KEYS[k] for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
+    return keys + [_split_override(o)[0] for o in args.overrides]
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {FLAG_KEYS[k]: v for k, v in vars(args).items() if k in FLAG_KEYS and v is not None}
     cfg = load_config(args.config, flags)
@@ -138,7 +147,7 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
     from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
     from xray_match.tune.tuner import run_tune
 
-    out = run_tune(cfg, args.space or space, resume=args.resume)
+    out = run_tune(cfg, args.space or space, resume=args.resume, fixed=command_line_keys(args))
     ckpt = out.get("best_checkpoint")
     if not args.no_test_eval and ckpt:
         out["test"] = evaluate_checkpoint(ckpt, [cfg.data.test_split], storage=run_storage(cfg))
@@ -152,7 +161,7 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
         "best_checkpoint": out.get("best_checkpoint"), "tracking_uri": out["tracking_uri"],
         "parent_run": out.get("parent_run_id"), "best_run": out.get("best_run_id"),
         "registered_model": _model_ref(cfg, out.get("model_version"), out.get("model_name")),
-        "best_config": out.get("best_config"),
+        "fixed": out.get("fixed") or None, "best_config": out.get("best_config"),
         "best_val": {k: round(v, 3) for k, v in out.get("best_metrics", {}).items() if k.startswith("val/")},
         "test": {k: round(v, 3) for k, v in out.get("test", {}).items()} or None,
     })

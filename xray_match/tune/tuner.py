@@ -8,14 +8,15 @@ by the trial's rank-0 worker); the best trial's checkpoint is registered with al
 A study killed part-way (the driver lost, a preemptible head node) continues with ``resume=True``
 (``--resume``): Tune restores the study from its storage, trials that finished are not run again,
 and an unfinished trial's TorchTrainer continues from its own latest checkpoint (a step checkpoint
-with ``train.checkpoint_every_steps``), logging into the same MLflow child run. Restoring reads
-Tune's experiment state, which Tune pickles: resume only studies your own runs wrote.
+with ``train.checkpoint_every_steps``), logging into the same MLflow child run.
+``tune.time_budget_s`` counts across the sessions: Tune restores what was left of it. Restoring
+reads Tune's experiment state, which Tune pickles: resume only studies your own runs wrote.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from xray_match.config import Config, ConfigError
 from xray_match.registry import RECIPES, SPACES
@@ -65,6 +66,17 @@ def check_space(cfg: Config, space: dict[str, Any]) -> None:
         cfg.with_overrides(probe)
     except ConfigError as e:
         raise ConfigError(f"search space: {e}") from None
+
+
+def hold_fixed(space: dict[str, Any], fixed: Iterable[str], space_name: str) -> tuple[dict[str, Any], list[str]]:
+    """The search space without the keys in ``fixed`` (given on the command line: the same value in
+    every trial), and the keys it held; a space left with nothing to search is an error."""
+    held = [k for k in space if k in set(fixed)]
+    rest = {k: v for k, v in space.items() if k not in held}
+    if held and not rest:
+        raise ConfigError(f"search space {space_name!r}: every key is fixed on the command line "
+                          f"({', '.join(held)}); nothing is left to search (a train job runs one config)")
+    return rest, held
 
 
 def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
@@ -155,10 +167,11 @@ def latest_study(root: str, model: str) -> str | None:
 
 
 def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = None,
-             resume: bool = False) -> dict[str, Any]:
+             resume: bool = False, fixed: Iterable[str] = ()) -> dict[str, Any]:
     """Run a study, or continue an interrupted one (``resume``: the study ``ray.name``, else the
     newest of this model under the storage path); returns the best trial's metrics and config, and
-    the registered version."""
+    the registered version. Keys in ``fixed`` (the command line's) leave the search space: every
+    trial runs with the config's value."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -172,8 +185,12 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
 
     recipe = RECIPES.get(cfg.model.name)
     space_name = space or cfg.tune.space or cfg.model.name
-    search_space = SPACES.get(space_name)(cfg)
+    search_space, held = hold_fixed(SPACES.get(space_name)(cfg), fixed, space_name)
     check_space(cfg, search_space)
+    held_values = {k: cfg.flat()[k] for k in held}
+    if held:
+        print("[xray_match] fixed for every trial (given on the command line): "
+              + ", ".join(f"{k}={v}" for k, v in held_values.items()), flush=True)
     if cfg.tune.trial_epochs:
         cfg = cfg.with_overrides({"train.epochs": cfg.tune.trial_epochs})
     storage = run_storage(cfg)
@@ -196,6 +213,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     if parent is None:
         parent = session.start_run(study, tags={"study": study, "space": space_name})
         session.log_params(parent, {"space": space_name, "model": cfg.model.name}
+                           | {f"fixed.{k}": str(v)[:500] for k, v in held_values.items()}
                            | {f"space.{k}": str(v)[:500] for k, v in search_space.items()})
 
     grid = is_grid(search_space)
@@ -234,13 +252,18 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     # end_run runs: each trial's child run gets its final status here, from Tune's verdict
     session.end_trial_runs(parent, {str(r.metrics["trial_id"]): "FAILED" if r.error else "FINISHED"
                                     for r in results if r.metrics and "trial_id" in r.metrics})
-    out: dict[str, Any] = {"study": study, "parent_run_id": parent, "trials": len(results),
+    out: dict[str, Any] = {"study": study, "parent_run_id": parent, "trials": len(results), "fixed": held_values,
                            "storage": storage.join(study), "tracking_uri": session.uri}
     try:
         best = results.get_best_result(metric=metric, mode=mode)
     except RuntimeError as e:
+        best, why = None, str(e)
+    else:  # with one trial, Tune returns it whether it reported or not
+        why = "" if best.config is not None and metric in (best.metrics or {}) else "its only trial never reported"
+    if best is None or why:
         session.end_run(parent, "FAILED")
-        raise RuntimeError(f"no trial reported {metric!r}: {e}") from None
+        raise RuntimeError(f"study {study}: no trial reported {metric!r} ({why}); a study's tune.time_budget_s "
+                           f"counts across --resume") from None
     if grid:
         keys = [k for k, v in search_space.items() if isinstance(v, dict) and "grid_search" in v]
         rows = [(decode_keys(r.config), r.metrics or {}) for r in results]
