@@ -75,8 +75,8 @@ def test_storage_root(tmp_path, monkeypatch):
 
 def test_evaluating_a_checkpoint_equals_the_trainers_evaluation(tiny_scenes, tmp_path):
     """No optimizer, scheduler or loss is built, and the metrics are the trainer's own."""
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.loop import Trainer
-    from xray_match.train.prepare import prepare_info
 
     cfg = load_config("dspe_cpu", {"data.path": tiny_scenes, "data.steps_per_epoch": 1, "data.batch_size": 8,
                                    "ray.num_workers": 1, "dspe.text_features": "tfidf", "dspe.image_hidden": 32,

@@ -117,8 +117,8 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
 @expected_errors
 def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Train one {preset} run on Ray", preset, tune=False, argv=argv)
+    from xray_match.driver.worker import run_training
     from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
-    from xray_match.train.worker import run_training
 
     out = run_training(cfg)
     if not args.no_test_eval and out.get("checkpoint"):
@@ -135,8 +135,8 @@ def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
 @expected_errors
 def tune_main(preset: str, space: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Tune {preset} with Ray Tune + Optuna", preset, tune=True, argv=argv)
+    from xray_match.driver.tuner import run_tune
     from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
-    from xray_match.tune.tuner import run_tune
 
     out = run_tune(cfg, args.space or space, resume=args.resume)
     ckpt = out.get("best_checkpoint")

@@ -105,10 +105,10 @@ def localize_two_stage(cfg: Config, *, stage2_epochs: int, stage2_lr_mult: float
     continue training from it on the augmented set with the ranking terms only (stage 2:
     lambda_2 = lambda_3 = 0). Each stage is a ``run_training`` run (Ray Train, MLflow); stage 2 is
     the one registered. Returns both runs and, with ``test_eval``, test accuracy before and after."""
+    from xray_match.driver.worker import run_training
     from xray_match.tracking.runs import log_metrics
     from xray_match.tracking.store import resolve_tracking_uri
     from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
-    from xray_match.train.worker import run_training
 
     if cfg.model.name != "dspe_phrase":
         raise ConfigError(f"model.name: two-stage localization needs 'dspe_phrase', got {cfg.model.name!r}")

@@ -46,8 +46,8 @@ def study_trials(study_dir: str) -> list[dict[str, Any]]:
     """Each trial of a Tune study folder: its sampled config (dotted keys), last metrics and
     checkpoint path, read from the trials' ``result.json``."""
     from xray_match.data.io import filesystem
+    from xray_match.driver.tuner import decode_keys
     from xray_match.train.checkpoint import Storage
-    from xray_match.tune.tuner import decode_keys
 
     fs, root = filesystem(study_dir)
     study = Storage(study_dir)  # Tune wrote the checkpoint paths without the URL's scheme

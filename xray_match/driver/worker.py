@@ -165,8 +165,8 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
 def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None) -> dict[str, Any]:
     """One training run on the current Ray cluster (started locally if none): returns the final
     metrics, the checkpoint path, and the MLflow run id / registered model version."""
+    from xray_match.driver.prepare import prepare_info
     from xray_match.tracking.runs import TrackingSession
-    from xray_match.train.prepare import prepare_info
 
     if info is None:
         info = prepare_info(cfg)
