@@ -130,17 +130,25 @@ def test_recipes_are_small():
     assert not big, f"recipes over {MAX_RECIPE_LINES} lines: {big} (drivers go to xray_match/studies/)"
 
 
-def test_builtin_recipe_names_match_what_their_modules_register():
-    from xray_match.config import METHOD_SECTIONS
-    from xray_match.recipes import BUILTIN
-    from xray_match.registry import RECIPES
+def test_recipe_entry_points_match_what_the_recipe_modules_register():
+    """pyproject.toml names every recipe module under ``xray_match.recipes`` (the installed metadata
+    says the same: the package was synced after the last edit), and each name is what its module
+    registers."""
+    import tomllib
 
-    for module in set(BUILTIN.values()):
+    from xray_match.config import METHOD_SECTIONS
+    from xray_match.registry import RECIPE_GROUP, RECIPES, recipe_modules
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][RECIPE_GROUP]
+    assert recipe_modules() == declared, "installed entry points differ from pyproject.toml: run uv sync"
+    files = {m for m in modules() if in_folder(m, "recipes") and m != "xray_match.recipes"}
+    for module in files:
         importlib.import_module(module)
     registered = {name: type(r).__module__ if not isinstance(r, type) else r.__module__
                   for name, r in RECIPES._entries.items()}
-    assert registered == BUILTIN
-    for name in BUILTIN:
+    assert registered == declared
+    assert set(declared.values()) <= files  # the built-in recipes live in recipes/
+    for name in declared:
         assert RECIPES.get(name).section in METHOD_SECTIONS, name
 
 
