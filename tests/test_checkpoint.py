@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from xray_match.config import load_config
-from xray_match.train.checkpoint import (CKPT_FILE, CheckpointError, Storage, check_plain, evaluate_checkpoint,
-                                         load_checkpoint, save_checkpoint)
+from xray_match.driver.storage import Storage
+from xray_match.train.checkpoint import (CKPT_FILE, CheckpointError, check_plain, evaluate_checkpoint, load_checkpoint,
+                                         save_checkpoint)
 
 
 def test_only_plain_data_is_saved(tmp_path):

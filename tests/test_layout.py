@@ -90,7 +90,7 @@ def test_only_the_checkpoint_module_opens_checkpoints():
 def test_storage_path_is_read_in_one_place():
     readers = [str(p.relative_to(ROOT)) for p in modules().values() if "ray.storage_path" in p.read_text()
                and p.name not in ("config.py", "launch.py")]  # the field and its command-line flag
-    assert readers == ["xray_match/train/checkpoint.py"]
+    assert readers == ["xray_match/driver/storage.py"]
 
 
 def test_mlflow_clients_and_writes_only_in_tracking():

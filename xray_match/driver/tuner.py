@@ -165,10 +165,10 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     from ray.tune.search.optuna import OptunaSearch
 
     from xray_match.driver.prepare import prepare_info
+    from xray_match.driver.storage import run_storage
     from xray_match.driver.worker import ensure_ray
     from xray_match.tracking.runs import TrackingSession, log_texts
     from xray_match.tracking.store import registered_model_name
-    from xray_match.train.checkpoint import run_storage
 
     recipe = RECIPES.get(cfg.model.name)
     space_name = space or cfg.tune.space or cfg.model.name
