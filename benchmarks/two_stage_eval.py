@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def train(epochs: int, overrides: list[str], out: str) -> str:
     from xray_match.config import load_config
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.loop import Trainer
-    from xray_match.train.prepare import prepare_info
 
     cfg = load_config("rdan_cpu", ["tracking.enabled=false", "ray.num_workers=1", f"train.epochs={epochs}",
                                    "rdan.embed_loss_weight=1.0", *overrides])

@@ -14,7 +14,7 @@ def train_checkpoint(data: str, out_dir: str, steps: int = 3, preset: str = "moc
     """Train ``steps`` optimizer steps in this process (no Ray) and save a checkpoint folder."""
     from xray_match.config import load_config
     from xray_match.train.loop import Trainer
-    from xray_match.train.prepare import prepare_info
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.checkpoint import CKPT_FILE, save_checkpoint
 
     cfg = load_config(preset, [f"data.path={data}", f"data.steps_per_epoch={steps}", f"train.seed={seed}",

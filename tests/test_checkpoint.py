@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from xray_match.config import load_config
-from xray_match.train.checkpoint import (CKPT_FILE, CheckpointError, Storage, check_plain, evaluate_checkpoint,
-                                         load_checkpoint, save_checkpoint)
+from xray_match.driver.storage import Storage
+from xray_match.train.checkpoint import (CKPT_FILE, CheckpointError, check_plain, evaluate_checkpoint, load_checkpoint,
+                                         save_checkpoint)
 
 
 def test_only_plain_data_is_saved(tmp_path):
@@ -75,8 +76,8 @@ def test_storage_root(tmp_path, monkeypatch):
 
 def test_evaluating_a_checkpoint_equals_the_trainers_evaluation(tiny_scenes, tmp_path):
     """No optimizer, scheduler or loss is built, and the metrics are the trainer's own."""
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.loop import Trainer
-    from xray_match.train.prepare import prepare_info
 
     cfg = load_config("dspe_cpu", {"data.path": tiny_scenes, "data.steps_per_epoch": 1, "data.batch_size": 8,
                                    "ray.num_workers": 1, "dspe.text_features": "tfidf", "dspe.image_hidden": 32,

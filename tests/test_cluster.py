@@ -305,7 +305,7 @@ def test_a_worker_node_killed_mid_epoch_resumes_from_the_bucket(cluster, tmp_pat
     from test_ray_moco import _sample_log
 
     from xray_match import devcluster
-    from xray_match.train.worker import FAULT_ENV, SAMPLE_LOG_ENV
+    from xray_match.driver.worker import FAULT_ENV, SAMPLE_LOG_ENV
 
     state, bucket = cluster["state"], cluster["bucket"]
     runs = {}
@@ -346,7 +346,7 @@ def test_mlflow_server_restarted_mid_run_loses_no_metrics(cluster, tmp_path, mlf
     made while the server is down are buffered by the rank-0 logger; once the server is back, they
     reach the run with their epochs: the run ends FINISHED with every epoch's metrics."""
     from xray_match import devcluster
-    from xray_match.train.worker import FAULT_ENV
+    from xray_match.driver.worker import FAULT_ENV
 
     state, bucket = cluster["state"], cluster["bucket"]
     hold = tmp_path / "hold"

@@ -398,7 +398,7 @@ def test_missing_init_checkpoint_is_refused_before_training(tiny_scenes, tmp_pat
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_two_worker_ray_run(tiny_scenes, ray_cluster, mlflow_uri, tmp_path):
-    from xray_match.train.worker import run_training
+    from xray_match.driver.worker import run_training
 
     cfg = load_config("dspe_cpu", {
         "data.path": tiny_scenes, "ray.storage_path": str(tmp_path / "runs"), "tracking.tracking_uri": mlflow_uri,
@@ -414,8 +414,8 @@ def test_two_worker_ray_run(tiny_scenes, ray_cluster, mlflow_uri, tmp_path):
 
 @pytest.mark.parametrize("space", ["dspe", "dspe_grid"])
 def test_search_spaces_are_valid_config_keys(space):
+    from xray_match.driver.tuner import check_space
     from xray_match.registry import SPACES
-    from xray_match.tune.tuner import check_space
 
     cfg = load_config("dspe_cpu")
     domains = SPACES.get(space)(cfg)

@@ -354,8 +354,8 @@ def test_stage1_checkpoint_flows_into_prepare_and_build_model(tmp_path):
 
 
 def test_evaluate_world_size_one_writes_overlays(tiny_mm, tmp_path):
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.loop import Trainer
-    from xray_match.train.prepare import prepare_info
 
     cfg = _cfg(f"data.path={tiny_mm}", "data.eval_batch_size=8", "data.num_workers=0", "grounding.overlay_images=3",
                "train.precision=fp32")
@@ -386,8 +386,8 @@ def _raw(root, split):
 
 
 def test_presets_and_spaces():
+    from xray_match.driver.tuner import check_space, is_grid
     from xray_match.registry import RECIPES, SPACES
-    from xray_match.tune.tuner import check_space, is_grid
 
     for preset in ("grounding_cpu", "grounding_full"):
         cfg = load_config(preset)
@@ -432,8 +432,8 @@ def test_table1_markdown_puts_the_papers_values_beside_any_beta():
 def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
+    from xray_match.driver.worker import run_training
     from xray_match.train.checkpoint import load_checkpoint
-    from xray_match.train.worker import run_training
 
     cfg = _cfg(f"data.path={tiny_mm}", "data.steps_per_epoch=2", "data.batch_size=8", "data.eval_batch_size=10",
                f"ray.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1",

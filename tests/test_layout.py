@@ -1,6 +1,7 @@
-"""Where things live (docs/layout.md), checked on the source: the import rules between the package's
-folders, the one home of checkpoints and of MLflow clients, recipe sizes, and that loading a config
-stays light. Static checks read every module's imports (also those inside functions) with ``ast``."""
+"""Where things live (docs/layout.md), checked on the source: the layers of the package and the
+imports between them, the one home of checkpoints, of the run storage and of MLflow clients, recipe
+sizes, and that loading a config stays light. Static checks read every module's imports (also those
+inside functions) with ``ast``."""
 
 from __future__ import annotations
 
@@ -14,8 +15,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "xray_match"
-LIBRARY = ("recipes", "models", "losses", "samplers", "metrics", "data", "text", "studies", "train", "tune",
-           "tracking")
+#: the package's layers, bottom to top: the top-level modules and folders of each. A module imports
+#: from its own layer and the layers below only; "__init__" is the package's own ``__init__.py``
+#: (``xray_match.load_model``, the public entry to the model registry).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("building blocks", ("config", "registry", "distributed", "data", "text", "models", "losses", "samplers",
+                         "metrics")),
+    ("plain PyTorch training", ("train",)),
+    ("recipes", ("recipes",)),
+    ("tracking", ("tracking",)),
+    ("Ray driver", ("driver",)),
+    ("studies and serving", ("studies", "serve")),
+    ("job checks and tools", ("preflight", "devcluster")),
+    ("entry points", ("launch", "cli", "cli_data", "cli_serve", "__init__")),
+)
+#: what plain PyTorch means for train/: none of these is imported there
+NOT_PLAIN = ("ray", "mlflow", "optuna")
 MAX_RECIPE_LINES = 450
 
 
@@ -29,14 +44,22 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, at any depth (``from a import b`` counts a and a.b)."""
+    """Every module ``path`` imports, at any depth (``from a import b`` counts a.b, and a unless
+    every b is a module of the package; relative imports are resolved)."""
+    mods = modules()
+    here = path.relative_to(ROOT).with_suffix("").parts
+    package = here[:-1]  # the package a relative import starts from (an __init__'s is its own folder)
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            out.add(node.module)
-            out |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join([*package[:len(package) - node.level + 1], *([node.module] if node.module else [])]) \
+                if node.level else node.module
+            subs = {f"{base}.{a.name}" for a in node.names}
+            out |= subs
+            if not subs <= mods.keys():
+                out.add(base)
     return out
 
 
@@ -58,24 +81,54 @@ def in_folder(module: str, *folders: str) -> bool:
     return any(module == f"xray_match.{f}" or module.startswith(f"xray_match.{f}.") for f in folders)
 
 
-def test_library_never_imports_launch_or_jobs():
-    """launch.py (job entry points) and cli.py sit on top; no library folder imports them."""
-    bad = [f"{m} imports {i}" for m, p in modules().items() if in_folder(m, *LIBRARY)
-           for i in imports(p) if i in ("xray_match.launch", "xray_match.cli") or i.split(".")[0] == "jobs"]
+def layer(module: str) -> int | None:
+    """The index in :data:`LAYERS` of a module of the package (``xray_match.train.loop`` is in
+    train's), or None for a name outside the package or in no layer."""
+    parts = module.split(".")
+    if parts[0] != "xray_match":
+        return None
+    top = parts[1] if len(parts) > 1 else "__init__"
+    return next((i for i, (_, members) in enumerate(LAYERS) if top in members), None)
+
+
+def test_every_module_is_in_exactly_one_layer():
+    members = [m for _, ms in LAYERS for m in ms]
+    assert len(members) == len(set(members)), "a name is in two layers"
+    homeless = sorted(m for m in modules() if layer(m) is None)
+    assert not homeless, f"add these to a layer in LAYERS (and docs/layout.md): {homeless}"
+    unused = sorted(set(members) - {"__init__"} - {m.split(".")[1] for m in modules() if m != "xray_match"})
+    assert not unused, f"LAYERS names what the package does not have: {unused}"
+
+
+def test_modules_import_only_from_their_own_layer_or_below():
+    """The layers are a strict order, no exceptions: an import from a higher layer (at the top of a
+    module or inside a function) is an arrow that runs up, and its code belongs lower or higher."""
+    bad = []
+    for m, p in modules().items():
+        for i in sorted(imports(p)):
+            if (up := layer(i)) is not None and up > layer(m):
+                bad.append(f"{m} ({LAYERS[layer(m)][0]}) imports {i} ({LAYERS[up][0]})")
     assert not bad, bad
 
 
-def test_recipes_and_building_blocks_stay_below_studies_and_drivers():
-    """Recipes, models, losses, samplers, metrics and data never import a study, the tuner or the
-    Ray worker; building blocks (models ... data) never import the training package either."""
+def test_nothing_imports_a_job_or_the_command_line():
+    """jobs/ scripts sit on top of everything; only cli.py imports its own subcommands (cli_*.py)
+    and launch.py, and nothing imports cli.py."""
     bad = []
     for m, p in modules().items():
-        deps = imports(p)
-        if in_folder(m, "recipes", "models", "losses", "samplers", "metrics", "data"):
-            bad += [f"{m} imports {i}" for i in deps
-                    if in_folder(i, "studies", "tune") or i.startswith("xray_match.train.worker")]
-        if in_folder(m, "models", "losses", "samplers", "metrics", "data"):
-            bad += [f"{m} imports {i}" for i in deps if in_folder(i, "train", "recipes", "tracking")]
+        for i in imports(p):
+            if i.split(".")[0] == "jobs" or i == "xray_match.cli" or i.startswith("xray_match.cli."):
+                bad.append(f"{m} imports {i}")
+            elif m != "xray_match.cli" and (i.startswith("xray_match.cli_") or i == "xray_match.launch"):
+                bad.append(f"{m} imports {i}")
+    assert not bad, bad
+
+
+def test_train_is_plain_pytorch():
+    """The loop, the checkpoint file and the recipe contract import no Ray, MLflow or Optuna (the Ray
+    side of a run is driver/, MLflow is tracking/)."""
+    bad = [f"{m} imports {i}" for m, p in modules().items() if in_folder(m, "train")
+           for i in imports(p) if i.split(".")[0] in NOT_PLAIN]
     assert not bad, bad
 
 
@@ -90,7 +143,7 @@ def test_only_the_checkpoint_module_opens_checkpoints():
 def test_storage_path_is_read_in_one_place():
     readers = [str(p.relative_to(ROOT)) for p in modules().values() if "ray.storage_path" in p.read_text()
                and p.name not in ("config.py", "launch.py")]  # the field and its command-line flag
-    assert readers == ["xray_match/train/checkpoint.py"]
+    assert readers == ["xray_match/driver/storage.py"]
 
 
 def test_mlflow_clients_and_writes_only_in_tracking():
@@ -130,17 +183,25 @@ def test_recipes_are_small():
     assert not big, f"recipes over {MAX_RECIPE_LINES} lines: {big} (drivers go to xray_match/studies/)"
 
 
-def test_builtin_recipe_names_match_what_their_modules_register():
-    from xray_match.config import METHOD_SECTIONS
-    from xray_match.recipes import BUILTIN
-    from xray_match.registry import RECIPES
+def test_recipe_entry_points_match_what_the_recipe_modules_register():
+    """pyproject.toml names every recipe module under ``xray_match.recipes`` (the installed metadata
+    says the same: the package was synced after the last edit), and each name is what its module
+    registers."""
+    import tomllib
 
-    for module in set(BUILTIN.values()):
+    from xray_match.config import METHOD_SECTIONS
+    from xray_match.registry import RECIPE_GROUP, RECIPES, recipe_modules
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][RECIPE_GROUP]
+    assert recipe_modules() == declared, "installed entry points differ from pyproject.toml: run uv sync"
+    files = {m for m in modules() if in_folder(m, "recipes") and m != "xray_match.recipes"}
+    for module in files:
         importlib.import_module(module)
     registered = {name: type(r).__module__ if not isinstance(r, type) else r.__module__
                   for name, r in RECIPES._entries.items()}
-    assert registered == BUILTIN
-    for name in BUILTIN:
+    assert registered == declared
+    assert set(declared.values()) <= files  # the built-in recipes live in recipes/
+    for name in declared:
         assert RECIPES.get(name).section in METHOD_SECTIONS, name
 
 

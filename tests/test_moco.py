@@ -275,8 +275,8 @@ def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
 
 def test_paper_tables_are_registered_grids_of_global_batches():
     from xray_match.config import ConfigError, load_config
+    from xray_match.driver.tuner import check_space, grid_table, is_grid
     from xray_match.registry import SPACES
-    from xray_match.tune.tuner import check_space, grid_table, is_grid
 
     for workers, want in ((1, [16, 32, 48, 64]), (2, [8, 16, 24, 32])):
         cfg = load_config("moco_cpu", [f"ray.num_workers={workers}"])

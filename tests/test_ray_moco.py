@@ -20,8 +20,8 @@ def _cfg(tiny_scenes, tmp_path, mlflow_uri, *extra):
 def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
+    from xray_match.driver.worker import run_training
     from xray_match.train.checkpoint import load_checkpoint
-    from xray_match.train.worker import run_training
 
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "ray.name=resume-me", "train.epochs=1", "moco.sampler=queue",
                "moco.queue_size=64")
@@ -45,8 +45,8 @@ def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, 
 def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes, tmp_path, mlflow_uri, monkeypatch):
     """FailureConfig: worker 1 dies hard (os._exit) after training epoch 2, before reporting it; Ray
     Train restarts the worker group, which continues from the epoch-1 checkpoint, not from scratch."""
+    from xray_match.driver.worker import FAULT_ENV, run_training
     from xray_match.train.checkpoint import load_checkpoint
-    from xray_match.train.worker import FAULT_ENV, run_training
 
     marker = tmp_path / "worker-exited"
     monkeypatch.setenv(FAULT_ENV, f"1:epoch=2:{marker}")
@@ -62,8 +62,8 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
     from mlflow import MlflowClient
 
     import xray_match
+    from xray_match.driver.tuner import run_tune
     from xray_match.tracking.registry import ModelLookupError, load_inference
-    from xray_match.tune.tuner import run_tune
 
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=2", "tune.time_budget_s=86400",
                "ray.name=study")
@@ -121,8 +121,8 @@ def test_worker_lost_mid_epoch_resumes_from_the_step_checkpoint_with_the_same_sa
     a checkpoint every 2 steps). Ray Train restarts the group from the step-6 checkpoint, and the run
     ends with the same step count, the same batches on every rank in the same order, and the same
     weights as an undisturbed run; only step 7 was trained twice."""
+    from xray_match.driver.worker import FAULT_ENV, SAMPLE_LOG_ENV, run_training
     from xray_match.train.checkpoint import load_checkpoint
-    from xray_match.train.worker import FAULT_ENV, SAMPLE_LOG_ENV, run_training
 
     runs = {}
     for name in ("undisturbed", "killed"):

@@ -56,7 +56,7 @@ def test_vocab_reads_only_the_train_split(tmp_path):
     assert vocab.encode("a giraffe seven") == [vocab.index["a"], UNK_ID, vocab.index["seven"]]
     # features without pixels (converted SCAN data) cannot feed the grid CNN, nor any recipe that
     # decodes images: refused before the data are read further
-    from xray_match.train.prepare import prepare_info
+    from xray_match.driver.prepare import prepare_info
 
     nopix = str(tmp_path / "nopix")
     write_samples(nopix, "toy", "train", [sample("train", 0, "a red seven")], info={"convert": {"pixels": False}},
@@ -453,8 +453,8 @@ def test_recipe_step_and_evaluate_on_shards(tiny_scenes, tmp_path):
 def test_presets_and_spaces_load():
     from ray.tune.search.sample import Domain
 
+    from xray_match.driver.tuner import check_space, is_grid
     from xray_match.registry import SPACES
-    from xray_match.tune.tuner import check_space, is_grid
 
     cpu, gpu = load_config("rdan_cpu"), load_config("rdan_gpu")
     assert cpu.model.name == gpu.model.name == "rdan"
@@ -478,8 +478,8 @@ def test_presets_and_spaces_load():
 def test_two_worker_ray_training_run(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
+    from xray_match.driver.worker import run_training
     from xray_match.train.checkpoint import load_checkpoint
-    from xray_match.train.worker import run_training
 
     cfg = tiny_cfg(tiny_scenes, "train.epochs=1", "data.steps_per_epoch=2", f"ray.storage_path={tmp_path / 'runs'}",
                    f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1", "ray.num_workers=2",

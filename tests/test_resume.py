@@ -41,8 +41,8 @@ def _train(cfg, info, start=None):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_sees_the_same_samples_and_ends_with_the_same_weights(tiny_scenes, num_workers, tmp_path):
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, save_checkpoint
-    from xray_match.train.prepare import prepare_info
 
     cfg = _cfg(tiny_scenes, f"data.num_workers={num_workers}")
     info = prepare_info(cfg)

@@ -132,7 +132,8 @@ def test_a_conversion_killed_while_writing_to_the_bucket_is_refused_until_a_reru
 
 @pytest.mark.s3
 def test_checkpoints_in_the_bucket_round_trip_and_keep_their_scheme(s3_url):
-    from xray_match.train.checkpoint import CKPT_FILE, Storage, load_checkpoint, save_checkpoint
+    from xray_match.driver.storage import Storage
+    from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, save_checkpoint
 
     folder = f"{s3_url}/runs/r1/checkpoint_000000"
     state = {"model": {"w": torch.arange(6.0).reshape(2, 3)}, "loop": {"epoch": 1, "history": [{"val/x": 0.5}]}}

@@ -106,8 +106,8 @@ def test_auxiliary_embedding_loss_trains_the_pooled_features():
 def test_recipe_evaluation_with_a_full_shortlist_equals_exact(tiny_scenes):
     """`rdan.rerank_top_k` on the real evaluation path (tiny shards, an untrained rdan_cpu)."""
     from xray_match.config import load_config
+    from xray_match.driver.prepare import prepare_info
     from xray_match.train.loop import Trainer
-    from xray_match.train.prepare import prepare_info
 
     cfg = load_config("rdan_cpu", [f"data.path={tiny_scenes}", "data.num_workers=0", "data.eval_batch_size=30",
                                    "tracking.enabled=false", "ray.num_workers=1", "data.batch_size=16"])

@@ -126,12 +126,12 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
 @expected_errors
 def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Train one {preset} run on Ray", preset, tune=False, argv=argv)
-    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
-    from xray_match.train.worker import run_training
+    from xray_match.driver.worker import run_training
+    from xray_match.train.checkpoint import evaluate_checkpoint
 
     out = run_training(cfg)
     if not args.no_test_eval and out.get("checkpoint"):
-        out["test"] = evaluate_checkpoint(out["checkpoint"], [cfg.data.test_split], storage=run_storage(cfg))
+        out["test"] = evaluate_checkpoint(out["checkpoint"], [cfg.data.test_split])
     _print_summary("xray_match train", {
         "checkpoint": out.get("checkpoint"), "tracking_uri": _uri(cfg), "mlflow_run": out.get("run_id"),
         "registered_model": _model_ref(cfg, out.get("model_version")),
@@ -144,13 +144,13 @@ def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
 @expected_errors
 def tune_main(preset: str, space: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Tune {preset} with Ray Tune + Optuna", preset, tune=True, argv=argv)
-    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
-    from xray_match.tune.tuner import run_tune
+    from xray_match.driver.tuner import run_tune
+    from xray_match.train.checkpoint import evaluate_checkpoint
 
     out = run_tune(cfg, args.space or space, resume=args.resume, fixed=command_line_keys(args))
     ckpt = out.get("best_checkpoint")
     if not args.no_test_eval and ckpt:
-        out["test"] = evaluate_checkpoint(ckpt, [cfg.data.test_split], storage=run_storage(cfg))
+        out["test"] = evaluate_checkpoint(ckpt, [cfg.data.test_split])
         if cfg.tracking.enabled:
             from xray_match.tracking.runs import log_metrics
 

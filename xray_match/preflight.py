@@ -147,7 +147,7 @@ def check_data(path: str) -> None:
 def check_storage(cfg: Config) -> None:
     """A run storage on an object store must answer and hold its bucket (Ray would retry its
     first upload for minutes, after the cluster started and the data was read)."""
-    from xray_match.train.checkpoint import STORAGE_KEY, run_storage
+    from xray_match.driver.storage import STORAGE_KEY, run_storage
 
     storage = run_storage(cfg)
     if storage.remote:

@@ -2,28 +2,41 @@
 method) and ``SPACES`` (Tune search spaces, ``fn(cfg) -> {"dotted.key": ray.tune domain}``).
 
 A module registers with ``@RECIPES.register("rdan")`` / ``@SPACES.register("rdan")``; ``grep -r
-'RECIPES.register'`` finds them all. The built-in recipes are known by name without importing
-them (:data:`xray_match.recipes.BUILTIN`): checking a config's ``model.name`` imports nothing, and
-looking a recipe up imports its module only (torch comes with it).
+'RECIPES.register'`` finds them all. Recipes are known by name without importing them: each is an
+entry point of the group ``xray_match.recipes`` (``name = "module"``: the built-in ones in
+``pyproject.toml``, and any other installed package may add its own), read from the installed
+package metadata. Checking a config's ``model.name`` therefore imports nothing, and looking a
+recipe up imports its module only (torch comes with it).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: the entry-point group that names the recipes: ``name = "module that registers it"``
+RECIPE_GROUP = "xray_match.recipes"
 
-def _builtin() -> dict[str, str]:
-    from xray_match.recipes import BUILTIN
 
-    return BUILTIN
+@functools.cache
+def recipe_modules() -> dict[str, str]:
+    """Recipe name -> the module that registers it, from the installed entry points (the package
+    metadata only: no recipe is imported). Empty when the package is not installed (``uv sync``)."""
+    out: dict[str, str] = {}
+    for ep in importlib.metadata.entry_points(group=RECIPE_GROUP):
+        if out.setdefault(ep.name, ep.module) != ep.module:
+            raise KeyError(f"recipe {ep.name!r} is named by two installed entry points of {RECIPE_GROUP!r}: "
+                           f"{out[ep.name]} and {ep.module}")
+    return out
 
 
 class Registry(Generic[T]):
-    """``by_name``: the built-in map's keys are this registry's names (RECIPES), so one module is
-    imported per lookup; otherwise (SPACES) a miss imports every built-in module."""
+    """``by_name``: the names of :func:`recipe_modules` are this registry's names (RECIPES), so one
+    module is imported per lookup; otherwise (SPACES) a miss imports every recipe module."""
 
     def __init__(self, kind: str, by_name: bool):
         self.kind = kind
@@ -39,33 +52,34 @@ class Registry(Generic[T]):
 
         return deco
 
-    def _import_builtin(self, name: str | None) -> None:
-        """Import the built-in module that registers ``name`` (every built-in module for None, or
-        when names are not keys of the built-in map)."""
-        builtin = _builtin()
+    def _import_recipes(self, name: str | None) -> None:
+        """Import the recipe module that registers ``name`` (every recipe module for None, or when
+        names are not recipe names)."""
+        known = recipe_modules()
         if self.by_name and name is not None:
-            modules = [builtin[name]] if name in builtin else []
+            modules = [known[name]] if name in known else []
         else:
-            modules = sorted(set(builtin.values()))
+            modules = sorted(set(known.values()))
         for module in modules:
             importlib.import_module(module)
 
     def get(self, name: str) -> T:
         if name not in self._entries:
-            self._import_builtin(name)
+            self._import_recipes(name)
         try:
             return self._entries[name]
         except KeyError:
             known = ", ".join(self.names()) or "none"
-            raise KeyError(f"unknown {self.kind} {name!r} (known: {known})") from None
+            hint = "" if recipe_modules() else f"; no {RECIPE_GROUP} entry points: install the package (uv sync)"
+            raise KeyError(f"unknown {self.kind} {name!r} (known: {known}{hint})") from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)  # type: ignore[operator]
 
     def names(self) -> list[str]:
         if self.by_name:
-            return sorted(set(self._entries) | set(_builtin()))
-        self._import_builtin(None)
+            return sorted(set(self._entries) | set(recipe_modules()))
+        self._import_recipes(None)
         return sorted(self._entries)
 
     def __contains__(self, name: str) -> bool:

@@ -105,10 +105,11 @@ def localize_two_stage(cfg: Config, *, stage2_epochs: int, stage2_lr_mult: float
     continue training from it on the augmented set with the ranking terms only (stage 2:
     lambda_2 = lambda_3 = 0). Each stage is a ``run_training`` run (Ray Train, MLflow); stage 2 is
     the one registered. Returns both runs and, with ``test_eval``, test accuracy before and after."""
+    from xray_match.driver.storage import run_storage
+    from xray_match.driver.worker import run_training
     from xray_match.tracking.runs import log_metrics
     from xray_match.tracking.store import resolve_tracking_uri
-    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
-    from xray_match.train.worker import run_training
+    from xray_match.train.checkpoint import evaluate_checkpoint
 
     if cfg.model.name != "dspe_phrase":
         raise ConfigError(f"model.name: two-stage localization needs 'dspe_phrase', got {cfg.model.name!r}")
@@ -123,7 +124,7 @@ def localize_two_stage(cfg: Config, *, stage2_epochs: int, stage2_lr_mult: float
     if not ckpt1:
         raise RuntimeError("stage 1 produced no checkpoint")
     if test_eval:
-        out["test_before"] = evaluate_checkpoint(ckpt1, [s1.data.test_split], storage=storage)
+        out["test_before"] = evaluate_checkpoint(ckpt1, [s1.data.test_split])
         log(f"stage 1 test: {out['test_before']}")
     t1 = time.perf_counter()
     hard_path = storage.join(f"{name}-hard-negatives.json")
@@ -137,7 +138,7 @@ def localize_two_stage(cfg: Config, *, stage2_epochs: int, stage2_lr_mult: float
     out["stage2"] = run_training(s2)
     out["stage2"]["wall_s"] = time.perf_counter() - t2
     if test_eval and out["stage2"]["checkpoint"]:
-        out["test_after"] = evaluate_checkpoint(out["stage2"]["checkpoint"], [s2.data.test_split], storage=storage)
+        out["test_after"] = evaluate_checkpoint(out["stage2"]["checkpoint"], [s2.data.test_split])
         log(f"stage 2 test: {out['test_after']}")
         if cfg.tracking.enabled:
             before = {f"test/before_{k.split('/')[-1]}": v for k, v in out["test_before"].items()}

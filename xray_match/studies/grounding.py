@@ -46,8 +46,8 @@ def study_trials(study_dir: str) -> list[dict[str, Any]]:
     """Each trial of a Tune study folder: its sampled config (dotted keys), last metrics and
     checkpoint path, read from the trials' ``result.json``."""
     from xray_match.data.io import filesystem
-    from xray_match.train.checkpoint import Storage
-    from xray_match.tune.tuner import decode_keys
+    from xray_match.driver.storage import Storage
+    from xray_match.driver.tuner import decode_keys
 
     fs, root = filesystem(study_dir)
     study = Storage(study_dir)  # Tune wrote the checkpoint paths without the URL's scheme
@@ -70,9 +70,9 @@ def report_run(cfg: Config, out: dict[str, Any]) -> str:
     """After ``train_main``: the run's checkpoint on the 2x2 / 3x3 grids (Table 2); the grids and
     the test metrics go to the run in MLflow with ``tables/table2.md``. Sets ``out["grids"]`` and
     returns the markdown."""
-    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
+    from xray_match.train.checkpoint import evaluate_checkpoint
 
-    out["grids"] = evaluate_checkpoint(out["checkpoint"], GRID_SPLITS, storage=run_storage(cfg))
+    out["grids"] = evaluate_checkpoint(out["checkpoint"], GRID_SPLITS)
     table = table2_markdown(out["grids"])
     _log(cfg, out.get("run_id"), out.get("test", {}) | out["grids"], {"table2.md": table})
     return table
@@ -85,18 +85,17 @@ def report_study(cfg: Config, out: dict[str, Any]) -> str:
     the study's parent MLflow run, and returns the markdown."""
     from xray_match.data.format import join
     from xray_match.data.io import atomic_write_bytes
-    from xray_match.train.checkpoint import evaluate_checkpoint, run_storage
+    from xray_match.train.checkpoint import evaluate_checkpoint
 
-    storage = run_storage(cfg)
     rows = [r for r in study_trials(out["storage"]) if r["checkpoint"]]
     for r in rows:
-        r["metrics"] |= evaluate_checkpoint(r["checkpoint"], [cfg.data.test_split], storage=storage)
+        r["metrics"] |= evaluate_checkpoint(r["checkpoint"], [cfg.data.test_split])
     pick = [r for r in rows if r["config"].get("grounding.init", cfg.grounding.init) == "pretrained"
             and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == cfg.grounding.beta]
     chosen = pick[0] if pick else next((r for r in rows if r["checkpoint"] == out.get("best_checkpoint")), None)
     grids: dict[str, float] = {}
     if chosen is not None:
-        grids = evaluate_checkpoint(chosen["checkpoint"], GRID_SPLITS, storage=storage)
+        grids = evaluate_checkpoint(chosen["checkpoint"], GRID_SPLITS)
     text = ("## Table 1: Avg IoU on the test split\n\n" + table1_markdown(rows, f"{cfg.data.test_split}/avg_iou",
                                                                          cfg.grounding.table1_betas)
             + f"\n## Table 2: trial {chosen['trial_id'] if chosen else '-'} "

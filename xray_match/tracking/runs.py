@@ -169,8 +169,8 @@ class TrackingSession:
 
     def register(self, checkpoint: Any, run_id: str, metrics: dict[str, Any], info: Any, *,
                  cfg: Config | None = None, extra_tags: dict[str, str] | None = None) -> int:
-        """Log ``checkpoint`` (a :class:`~xray_match.train.checkpoint.StoredCheckpoint` or a local
-        folder) as a model of ``run_id``, register it as a new version of
+        """Log ``checkpoint`` (a folder in a run's storage, anything with ``as_directory()``, or a
+        local folder) as a model of ``run_id``, register it as a new version of
         :func:`~xray_match.tracking.store.registered_model_name` of ``cfg`` (default: the
         session's) with alias ``champion`` and tags (``checkpoint``: where it came from, as a URL
         under an object store); returns the version."""

@@ -1,5 +1,6 @@
-"""Checkpoints, in one place: the file name, writing, opening, where runs are stored, and
-rebuilding / evaluating the model a checkpoint holds.
+"""Checkpoints, in one place: the file name, writing, opening, and rebuilding / evaluating the
+model a checkpoint holds. Plain PyTorch: where Ray stores runs is
+:mod:`xray_match.driver.storage`.
 
 A checkpoint is one file, :data:`CKPT_FILE`, holding a dict of plain data only: tensors, numbers,
 strings, booleans, None, and lists / tuples / dicts of them (:func:`check_plain`).
@@ -16,12 +17,10 @@ The training loop's state (:meth:`xray_match.train.loop.Trainer.state_dict`) has
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from xray_match.config import Config, xray_home
+from xray_match.config import Config
 
 if TYPE_CHECKING:
     import torch
@@ -107,76 +106,6 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     return state
 
 
-# ----------------------------------------------------------------------------- where runs are stored
-
-
-@dataclass(frozen=True)
-class StoredCheckpoint:
-    """A checkpoint folder in a run's storage, named by the URL a user can type
-    (``s3://bucket/runs/NAME/checkpoint_000002``; an absolute path for a local root). This, not
-    the path Ray reports, is what the library hands out: what is printed, logged or tagged."""
-
-    url: str
-
-    def __str__(self) -> str:
-        return self.url
-
-    def ray(self) -> Any:
-        """The ``ray.train.Checkpoint`` of the folder (its pyarrow file system from the URL)."""
-        from ray.train import Checkpoint
-
-        return Checkpoint(path=self.url)
-
-    def as_directory(self) -> Any:
-        """A local folder holding the checkpoint (downloaded from an object store) for a ``with``."""
-        return self.ray().as_directory()
-
-    def load(self, map_location: Any = "cpu") -> dict[str, Any]:
-        """The checkpoint's state (only :data:`CKPT_FILE` is read, not the whole folder)."""
-        return load_checkpoint(self.url, map_location)
-
-
-class Storage:
-    """Where Ray stores runs and checkpoints: ``ray.storage_path``, or ``$XRAY_MATCH_HOME/runs``.
-
-    ``root`` is what Ray's ``storage_path`` gets: an absolute local path (Ray needs one) or a URL
-    (``s3://``, ``gs://``, ``file://``). Ray opens a URL root with pyarrow, which reads the same
-    ``AWS_*`` variables as the package's fsspec file systems. Under a URL root Ray reports
-    checkpoint paths without the scheme (``bucket/runs/...``, the path inside its pyarrow file
-    system): :meth:`checkpoint` puts it back, so nothing handed on has lost it."""
-
-    def __init__(self, storage_path: str):
-        raw = storage_path or str(xray_home() / "runs")
-        self.remote = "://" in raw
-        self.root = raw if self.remote else os.path.abspath(os.path.expanduser(raw))
-        self.scheme = self.root.split("://", 1)[0] if self.remote else ""
-
-    def join(self, *parts: str) -> str:
-        from xray_match.data.format import join
-
-        return join(self.root, *parts)
-
-    def url(self, path: str) -> str:
-        """A path Ray reported under this root as a URL (unchanged when it is one already, or an
-        absolute local path: Ray's paths inside a bucket never start with ``/``)."""
-        if self.remote and "://" not in path and not os.path.isabs(path):
-            return f"{self.scheme}://{path}"
-        return path
-
-    def checkpoint(self, path: str) -> StoredCheckpoint:
-        """A checkpoint folder as Ray reported it, or as a URL or local folder."""
-        return StoredCheckpoint(self.url(str(path)))
-
-
-#: the config key of the run storage, as messages name it
-STORAGE_KEY = "ray.storage_path"
-
-
-def run_storage(cfg: Config) -> Storage:
-    """The one reading of ``ray.storage_path`` (the worker, the tuner, the jobs and the studies use it)."""
-    return Storage(cfg.ray.storage_path)
-
-
 # ----------------------------------------------------------------------------- the model inside
 
 
@@ -202,15 +131,16 @@ def load_inference(path: str, device: Any = "cpu") -> Any:
     return recipe.inference(model)
 
 
-def evaluate_checkpoint(path: str, splits: Iterable[str] | None = None, *, storage: Storage | None = None,
+def evaluate_checkpoint(path: str, splits: Iterable[str] | None = None, *,
                         device: "torch.device | None" = None) -> dict[str, float]:
-    """Metrics of the checkpoint folder at ``path`` (as Ray reported it under ``storage``, or a local
-    folder) on each split (default: its config's test split), in this process at world size 1."""
+    """Metrics of the checkpoint at ``path`` (a file, or a folder holding one; local or a URL such as
+    the ones :mod:`xray_match.driver` hands out) on each split (default: its config's test split),
+    in this process at world size 1."""
     import torch
 
     from xray_match.train.loop import autocast_for, evaluate_split, seed_everything
 
-    state = (storage or Storage("")).checkpoint(path).load()
+    state = load_checkpoint(path)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(int(state["config"]["train"]["seed"]))  # as a Trainer would, before building the model
     recipe, model = restore_model(state, device)

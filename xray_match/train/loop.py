@@ -3,7 +3,7 @@
 :func:`run` drives epochs of a fixed number of steps over an endless shard stream, evaluates on
 the whole validation split, and hands each epoch's metrics and the trainer to a ``report``
 function; with ``train.checkpoint_every_steps`` it also hands the trainer to a ``save`` function
-every N steps inside an epoch. :mod:`xray_match.train.worker` passes Ray Train's prepare/report;
+every N steps inside an epoch. :mod:`xray_match.driver.worker` passes Ray Train's prepare/report;
 the benchmarks and tests call it directly with world size 1.
 
 Resuming in the middle of an epoch is exact: the checkpoint holds the epoch's step, its partial

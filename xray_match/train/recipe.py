@@ -1,7 +1,7 @@
 """The contract between a method (moco, rdan, grounding, dspe) and the shared training loop.
 
 A method subclasses :class:`Recipe` and registers it: ``@RECIPES.register("rdan")``. The loop
-(:mod:`xray_match.train.loop`) and the Ray worker (:mod:`xray_match.train.worker`) only ever
+(:mod:`xray_match.train.loop`) and the Ray worker (:mod:`xray_match.driver.worker`) only ever
 talk to this interface, so every method gets the same data streaming, DDP, bf16, checkpointing,
 resume, Tune and MLflow handling without copies of them.
 
@@ -95,7 +95,7 @@ class Recipe:
     @classmethod
     def pixels_field(cls, cfg: Config) -> str | None:
         """The config field that makes this run decode images, or None when it reads only
-        precomputed features. :func:`~xray_match.train.prepare.prepare_info` refuses such a run on
+        precomputed features. :func:`~xray_match.driver.prepare.prepare_info` refuses such a run on
         shards converted without pixels (manifest ``info.convert.pixels`` false) before any worker
         starts. Every recipe but those with a precomputed-feature option reads pixels."""
         return "model.name"

@@ -1,5 +1,5 @@
 """Ray Train glue: the only module that trains with ``ray.train`` (prepare, report, checkpoint;
-reading a stored checkpoint folder is :mod:`xray_match.train.checkpoint`).
+reading a stored checkpoint folder is :mod:`xray_match.driver.storage`).
 
 ``run_training(cfg)`` prepares the data on the driver, starts a TorchTrainer whose workers run
 the shared loop (:mod:`xray_match.train.loop`) with DDP through ``prepare_model``, reports every
@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from xray_match.config import Config
+from xray_match.driver.storage import run_storage
 from xray_match.registry import RECIPES
-from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, run_storage, save_checkpoint
+from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, save_checkpoint
 from xray_match.train.recipe import DataInfo, worker_env
 
 # Worker progress goes through logging, not print: Ray Train V2 patches print on its workers to tee
@@ -165,8 +166,8 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
 def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None) -> dict[str, Any]:
     """One training run on the current Ray cluster (started locally if none): returns the final
     metrics, the checkpoint path, and the MLflow run id / registered model version."""
+    from xray_match.driver.prepare import prepare_info
     from xray_match.tracking.runs import TrackingSession
-    from xray_match.train.prepare import prepare_info
 
     if info is None:
         info = prepare_info(cfg)

@@ -100,11 +100,11 @@ def default_point(cfg: Config, space: dict[str, Any]) -> dict[str, Any]:
 
 def epoch_report_callback() -> Any:
     """A ``TuneReportCallback`` that forwards epoch reports only: a step checkpoint's report
-    (:data:`~xray_match.train.worker.STEP_REPORT`) has no validation metric for the searcher and
+    (:data:`~xray_match.driver.worker.STEP_REPORT`) has no validation metric for the searcher and
     scheduler, and the TorchTrainer resumes from it by itself."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from xray_match.train.worker import STEP_REPORT
+    from xray_match.driver.worker import STEP_REPORT
 
     class EpochReportCallback(TuneReportCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
@@ -120,8 +120,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], t
     """One Tune trial: merge the sampled values, start a child MLflow run, fit a TorchTrainer."""
     import ray.tune
 
+    from xray_match.driver.worker import build_trainer
     from xray_match.tracking.runs import end_run, start_trial_run
-    from xray_match.train.worker import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     values = decode_keys(config)
@@ -177,11 +177,11 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from xray_match.driver.prepare import prepare_info
+    from xray_match.driver.storage import run_storage
+    from xray_match.driver.worker import ensure_ray
     from xray_match.tracking.runs import TrackingSession, log_texts
     from xray_match.tracking.store import registered_model_name
-    from xray_match.train.checkpoint import run_storage
-    from xray_match.train.prepare import prepare_info
-    from xray_match.train.worker import ensure_ray
 
     recipe = RECIPES.get(cfg.model.name)
     space_name = space or cfg.tune.space or cfg.model.name

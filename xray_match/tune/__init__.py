@@ -1,1 +1,0 @@
-"""xray_match.tune"""
