@@ -19,7 +19,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 #: the slow tier: a test with one of these markers, or one that uses one of these fixtures, is marked
 #: ``slow`` here; other tests over a few seconds carry ``@pytest.mark.slow`` themselves.
-#: ``pytest -m "not slow"`` is the fast tier (docs/development.md); CI runs everything
+#: ``pytest -m "not slow"`` is the fast tier (README); the README's test command and CI run everything
 SLOW_MARKERS = ("ray", "s3", "cluster")
 SLOW_FIXTURES = {"ray_cluster", "ray_cluster_s3", "s3_store", "served_model"}
 

@@ -123,12 +123,13 @@ def mlflow_env(monkeypatch):
 
 def test_users_path_end_to_end(cluster, mlflow_env):
     """Digit scenes in the bucket -> ``ray job submit ... tune_moco.py`` with data and storage in the
-    bucket (2 trials; each trial's two workers on two different nodes) -> the champion on the MLflow
+    bucket (one trial; its two workers on two different nodes) -> the champion on the MLflow
     server -> a fresh process on a worker node looks it up and ranks with it."""
     env, bucket = cluster["env"], cluster["bucket"]
     log = submit(cluster, ["jobs/tune_moco.py", "--data", cluster["data"], "--storage-path", f"s3://{bucket}/ray",
-                       "--num-samples", "2", "--name", "study-e2e", "tune.trial_epochs=1", "train.epochs=1", *SMALL])
+                       "--num-samples", "1", "--name", "study-e2e", "tune.trial_epochs=1", "train.epochs=1", *SMALL])
     assert "=== xray_match tune ===" in log, log[-3000:]
+    assert "fixed for every trial (given on the command line): " in log  # SMALL's data.batch_size
     assert f"results: s3://{bucket}/ray/study-e2e" in log  # printed paths keep their scheme
     # Tune's state and the trials' checkpoints are in the bucket
     fs = s3(cluster)
@@ -140,7 +141,7 @@ def test_users_path_end_to_end(cluster, mlflow_env):
     by_group: dict[str, set[str]] = {}
     for a in workers:
         by_group.setdefault(a.get("placement_group_id") or "?", set()).add(a["node_id"])
-    assert len(by_group) >= 2 and all(len(nodes) == 2 for nodes in by_group.values()), by_group
+    assert len(by_group) >= 1 and all(len(nodes) == 2 for nodes in by_group.values()), by_group
 
     # the champion is registered on the server; the read-only user can look it up
     reader = mlflow_client(cluster, "reader")
@@ -378,7 +379,7 @@ def test_a_killed_tune_driver_resumes_from_the_bucket(cluster, mlflow_env):
     fs = s3(cluster)
     study = "study-resume"
     args = ["jobs/tune_moco.py", "--data", cluster["data"], "--storage-path", f"s3://{bucket}/ray", "--name", study,
-            "--num-samples", "3", "--no-test-eval", "tune.time_budget_s=3600", "tune.trial_epochs=1", "train.epochs=1", "tracking.register=false",
+            "--num-samples", "2", "--no-test-eval", "tune.time_budget_s=3600", "tune.trial_epochs=1", "train.epochs=1", "tracking.register=false",
             *SMALL]
 
     def finished_trials() -> set[str]:
@@ -397,15 +398,15 @@ def test_a_killed_tune_driver_resumes_from_the_bucket(cluster, mlflow_env):
     os.kill(pid, 9)
     _wait_for("the killed job to end", lambda: job_info(cluster, sid)["status"] not in ("PENDING", "RUNNING"))
     done_before = finished_trials()
-    assert 1 <= len(done_before) < 3
+    assert len(done_before) == 1
 
     log = _finish(cluster, _start(cluster, args + ["--resume"]))
-    assert "trials: 3" in log
+    assert "trials: 2" in log
     client = mlflow_client(cluster)
     exp = client.get_experiment_by_name("xray-match")
     parents = client.search_runs([exp.experiment_id], f"tags.study = '{study}' and tags.space = 'moco'")
     assert len(parents) == 1
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     attempts = {c.data.tags["ray_trial_id"]: int(c.data.tags["attempts"]) for c in children}
     assert all(attempts[t] == 1 for t in done_before), attempts

@@ -79,7 +79,7 @@ def test_a_tune_jobs_command_line_keys_are_fixed_for_every_trial():
     """A key given to a tune job (flag or override) leaves the search space; nothing left is an error."""
     from xray_match.launch import build_parser, command_line_keys
     from xray_match.registry import SPACES
-    from xray_match.tune.tuner import hold_fixed
+    from xray_match.driver.tuner import hold_fixed
 
     args = build_parser("tune", "moco_cpu", tune=True).parse_intermixed_args(
         ["moco.sampler=queue", "--epochs", "2", "optim.lr=3e-2"])
