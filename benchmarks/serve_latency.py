@@ -112,7 +112,8 @@ def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> tu
 def parts_alone(model_dir: str, index_dir: str, k: int, reps: int = 50) -> dict[str, float]:
     """Per-query milliseconds of the text tower and of the faiss search, in this process."""
     from xray_match.serve.index import SearchIndex
-    from xray_match.serve.model import embed_texts, load_embedder, resolve
+    from xray_match.serve.model import embed_texts, load_embedder
+    from xray_match.tracking.models import resolve
 
     model = load_embedder(resolve(model_dir))
     index = SearchIndex.load(index_dir)
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from xray_match.serve.app import APP_NAME, run
-    from xray_match.serve.model import embed_texts, load_embedder, resolve
+    from xray_match.serve.app import APP_NAME, preflight, run
+    from xray_match.serve.model import embed_texts, load_embedder
+    from xray_match.tracking.models import resolve
 
     with tempfile.TemporaryDirectory(prefix="serve-latency-") as tmp:
         model = args.model or untrained_checkpoint(os.path.join(tmp, "model"))
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=2, log_to_driver=False)
         try:
             t0 = time.perf_counter()
-            run(model, index, args.tracking_uri, {k: v for k, v in settings.items() if v is not None})
+            run(*preflight(model, index, args.tracking_uri), {k: v for k, v in settings.items() if v is not None})
             print(f"service up on 127.0.0.1:{port} in {time.perf_counter() - t0:.1f} s")
             lat, errors, seconds = drive(port, args.clients, args.warmup, args.duration, args.k)
         finally:

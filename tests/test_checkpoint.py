@@ -103,7 +103,7 @@ class _Payload:
 def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
     """Issue 16 (1): ``xray_match.load_model(folder)`` on a checkpoint whose pickle runs code."""
     import xray_match
-    from xray_match.tracking.registry import ModelLookupError
+    from xray_match.tracking.models import ModelLookupError
 
     marker = tmp_path / "payload-ran"
     folder = tmp_path / "shared-checkpoint"

@@ -136,7 +136,8 @@ def test_reader_errors_name_the_file(tmp_path):
 
 
 def test_cross_attention_output_is_refused_with_a_clear_error():
-    from xray_match.serve.model import ModelLookupError, embed_texts
+    from xray_match.serve.model import embed_texts
+    from xray_match.tracking.models import ModelLookupError
 
     class PairScorer:  # RDAN's encode_texts gives word features (N, n, D), not one vector per text
         def encode_texts(self, texts):

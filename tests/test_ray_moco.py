@@ -63,7 +63,7 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
 
     import xray_match
     from xray_match.driver.tuner import run_tune
-    from xray_match.tracking.registry import ModelLookupError, load_inference
+    from xray_match.tracking.models import ModelLookupError, load_inference
 
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=2", "tune.time_budget_s=86400",
                "ray.name=study")

@@ -27,11 +27,13 @@ POLL_S = 1.0
 def service(served_model):
     from ray import serve
 
-    from xray_match.serve.app import APP_NAME, run
+    from xray_match.serve.app import APP_NAME, preflight, run
 
     settings = {"port": free_port(), "num_cpus": 0.5, "poll_s": POLL_S, "max_batch_size": 8,
                 "batch_wait_timeout_s": 0.25, "min_replicas": 1, "max_replicas": 2, "max_top_k": 50}
-    url = run(f"models:/{served_model['name']}@champion", None, served_model["tracking_uri"], settings)
+    ref, index = preflight(f"models:/{served_model['name']}@champion", None, served_model["tracking_uri"])
+    assert (ref.alias, ref.version, index) == ("champion", "1", served_model["index"])  # pinned on the driver
+    url = run(ref, index, settings)
     wait_until(lambda: http("GET", f"{url}/healthz", timeout=10)[0] == 200, 300, what="the service")
     yield {"url": url, "settings": settings, **served_model}
     serve.delete(APP_NAME)

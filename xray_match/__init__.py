@@ -8,8 +8,9 @@ __version__ = "0.1.0"
 
 
 def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
-    """Load a registered model (``models:/xray-match-moco@champion``) ready for inference."""
-    from xray_match.tracking.registry import load_model as _load
+    """Load a registered model (``models:/xray-match-moco@champion``, ``models:/NAME/VERSION``) or a
+    checkpoint path ready for inference (:mod:`xray_match.tracking.models`)."""
+    from xray_match.tracking.models import load_model as _load
 
     return _load(uri, tracking_uri=tracking_uri, device=device)
 

@@ -64,7 +64,7 @@ def _load_images(folder: str):
 def _search(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from xray_match.tracking.registry import ModelLookupError, load_model
+    from xray_match.tracking.models import ModelLookupError, load_model
 
     try:
         model = load_model(args.model, tracking_uri=args.tracking_uri)

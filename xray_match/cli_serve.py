@@ -67,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         settings = _settings(args)
         build_settings(ServeConfig, settings, "serve.")
-        preflight(args.model, args.index, args.tracking_uri)
+        ref, index = preflight(args.model, args.index, args.tracking_uri)  # resolved once; the replicas get it
     except (ConfigError, LookupError, IndexFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,8 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from xray_match.serve.app import run
 
-    url = run(args.model, args.index, args.tracking_uri, settings)
-    print(f"serving {args.model} at {url}/ (JSON: POST {url}/api/search/text, {url}/api/search/image); Ctrl-C stops",
+    url = run(ref, index, settings)
+    print(f"serving {ref} at {url}/ (JSON: POST {url}/api/search/text, {url}/api/search/image); Ctrl-C stops",
           flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())

@@ -12,14 +12,22 @@ Routes (all served by one deployment behind Serve's HTTP proxy)::
     GET  /healthz
 
 Concurrent text queries are batched (``@serve.batch``): one forward pass of the text tower and one
-faiss search per batch. When the model reference is an alias (``models:/NAME@champion``), each
-replica polls it every ``poll_s`` seconds; when it points at a new version whose index exists
-(the version's ``xray_match.index`` tag, written by ``xray-match index``), the replica loads that
-model and index beside the old ones and then swaps one reference: requests in flight finish on
-the old searcher, later ones use the new one, none is dropped.
+faiss search per batch.
+
+The model reference (:class:`~xray_match.tracking.models.ModelRef`) is resolved once, on the
+driver, by :func:`preflight`, which also checks the index against that version; :func:`run` hands
+the replicas that pinned reference (``models:/NAME/VERSION``, remembering its alias), so every
+replica serves the version that was checked even if the alias moves meanwhile. When the reference
+came from an alias (``models:/NAME@champion``), each replica then follows it: every ``poll_s``
+seconds it resolves the alias once more (:meth:`ModelRef.follow`, a new pinned reference); when
+that is a new version whose index exists (the version's ``xray_match.index`` tag, written by
+``xray-match index``), the replica loads that model and index beside the old ones and then swaps
+one reference: requests in flight finish on the old searcher, later ones use the new one, none is
+dropped.
 
 ``build_app(args)`` is the application builder for ``serve run`` and the RayService manifest
-(``import_path: xray_match.serve.app:build_app``).
+(``import_path: xray_match.serve.app:build_app``); it has no driver to resolve on, so each replica
+resolves the reference string it is given.
 """
 
 
@@ -39,8 +47,9 @@ from ray import serve
 
 from xray_match.serve.config import ServeConfig, build_settings
 from xray_match.serve.index import decode_image
-from xray_match.serve.model import current_version, index_of, resolve, with_version
+from xray_match.serve.model import index_of
 from xray_match.serve.search import Searcher
+from xray_match.tracking.models import ModelRef, resolve
 
 APP_NAME = "xray-match-search"
 log = logging.getLogger("ray.serve")
@@ -64,7 +73,7 @@ def _k(value: Any, cfg: ServeConfig) -> int:
 @serve.deployment(name="search")
 @serve.ingress(api)
 class SearchService:
-    def __init__(self, model: str, index: str | None = None, tracking_uri: str | None = None,
+    def __init__(self, model: ModelRef | str, index: str | None = None, tracking_uri: str | None = None,
                  settings: dict[str, Any] | None = None):
         import torch
 
@@ -74,10 +83,11 @@ class SearchService:
         # threads = the replica's CPU share: more would spin (OpenMP) against the proxy and other replicas
         torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
         faiss.omp_set_num_threads(max(1, int(self.cfg.num_cpus)))
-        ref = resolve(model, tracking_uri)
+        # `xray-match serve` hands over the version its driver pinned and checked; build_app a string, resolved here
+        ref = resolve(model, tracking_uri) if isinstance(model, str) else model if model.pinned else model.resolve()
         index = index or index_of(ref)
         if not index:
-            raise LookupError(f"{ref.pinned}: no index given and none tagged on the version (run `xray-match index`)")
+            raise LookupError(f"{ref}: no index given and none tagged on the version (run `xray-match index`)")
         self.searcher = Searcher.load(ref, index)
         self.swaps, self.last_poll_error = 0, None
         self._texts.set_max_batch_size(self.cfg.max_batch_size)
@@ -87,7 +97,7 @@ class SearchService:
         self._stop = threading.Event()
         if ref.alias and self.cfg.poll_s > 0:
             threading.Thread(target=self._follow, name="alias-follower", daemon=True).start()
-        log.info("serving %s with index %s", ref.pinned, index)
+        log.info("serving %s with index %s", ref, index)
 
     # ---- following the alias --------------------------------------------------------------
     def _follow(self) -> None:
@@ -95,21 +105,21 @@ class SearchService:
         while not self._stop.wait(self.cfg.poll_s):
             current = self.searcher
             try:
-                version = current_version(current.ref)
-                if version is None or version == current.ref.version:
+                ref = current.ref.follow()  # the alias resolved once, pinned: what is loaded is what was read
+                if ref.version == current.ref.version:
                     continue
-                index = index_of(current.ref, version)
+                index = index_of(ref)
                 if not index:
-                    if waiting_for != version:
+                    if waiting_for != ref.version:
                         log.warning("%s@%s moved to version %s, which has no index yet; still serving version %s",
-                                    current.ref.name, current.ref.alias, version, current.ref.version)
-                        waiting_for = version
+                                    ref.name, ref.alias, ref.version, current.ref.version)
+                        waiting_for = ref.version
                     continue
-                new = Searcher.load(with_version(current.ref, version), index)
+                new = Searcher.load(ref, index)
                 self.searcher = new  # one reference: requests in flight keep the searcher they started with
                 self.swaps += 1
                 self.last_poll_error = None
-                log.info("switched to %s with index %s", new.ref.pinned, index)
+                log.info("switched to %s with index %s", new.ref, index)
             except Exception as e:  # a registry hiccup must not stop the service: keep serving, retry
                 self.last_poll_error = f"{type(e).__name__}: {e}"
                 log.warning("alias poll failed: %s", self.last_poll_error)
@@ -197,15 +207,19 @@ class SearchService:
         return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=3600"})
 
 
-def deployment(model: str, index: str | None = None, tracking_uri: str | None = None,
+def deployment(model: ModelRef | str, index: str | None = None, tracking_uri: str | None = None,
                settings: dict[str, Any] | None = None):
-    """The bound application: ``SearchService`` with autoscaling and resources from ``settings``."""
+    """The bound application: ``SearchService`` with autoscaling and resources from ``settings``.
+    ``model`` is the pinned reference the replicas load (or, from :func:`build_app`, a string each
+    replica resolves)."""
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
     autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
                    "initial_replicas": max(1, cfg.min_replicas), "target_ongoing_requests": cfg.target_ongoing_requests}
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
-        env["MLFLOW_TRACKING_URI"] = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    tracking_uri = (model.tracking_uri if isinstance(model, ModelRef) else None) or tracking_uri \
+        or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     return SearchService.options(
         autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}},
@@ -225,18 +239,17 @@ def build_app(args: dict[str, Any]):
     return deployment(args["model"], args.get("index") or None, args.get("tracking_uri") or None, settings)
 
 
-def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[Any, str]:
-    """Check in the driver what a replica would refuse (Serve retries failing replicas for minutes):
-    the model resolves, the index exists, is readable and was built for that version."""
-    from xray_match.serve.index import IndexFormatError, read_meta
+def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[ModelRef, str]:
+    """Resolve the model once, in the driver, and check what a replica would refuse (Serve retries
+    failing replicas for minutes): the index exists, is readable and was built for that version.
+    Returns the pinned reference and the index, which :func:`run` hands to the replicas."""
+    from xray_match.serve.index import check_built_for, read_meta
 
     ref = resolve(model, tracking_uri)
     index = index or index_of(ref)
     if not index:
-        raise LookupError(f"{ref.pinned}: no --index given and none tagged on the version (run `xray-match index`)")
-    built_for = read_meta(index).get("model", {})  # the reader's error, naming the folder, if it is none
-    if ref.registered and built_for.get("name") == ref.name and str(built_for.get("version")) != ref.version:
-        raise IndexFormatError(f"{index}: built for {ref.name} version {built_for.get('version')}, not version {ref.version}")
+        raise LookupError(f"{ref}: no --index given and none tagged on the version (run `xray-match index`)")
+    check_built_for(ref, read_meta(index), index)  # read_meta's error names the folder if it is no index
     return ref, index
 
 
@@ -255,16 +268,17 @@ def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
             log.warning("Serve's HTTP proxy did not start (%s); retrying", type(e).__name__)
 
 
-def run(model: str, index: str | None = None, tracking_uri: str | None = None,
-        settings: dict[str, Any] | None = None, blocking: bool = False) -> str:
-    """Start Serve's HTTP proxy on ``settings.host:port`` and the app; returns the base URL."""
+def run(ref: ModelRef, index: str, settings: dict[str, Any] | None = None, blocking: bool = False) -> str:
+    """Start Serve's HTTP proxy on ``settings.host:port`` and the app serving what :func:`preflight`
+    returned (the pinned ``ref`` and its checked ``index``); returns the base URL."""
     import ray
 
+    if not isinstance(ref, ModelRef) or not ref.pinned or not index:
+        raise ValueError("run: pass the pinned reference and the index that preflight() returns")
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
-    preflight(model, index, tracking_uri)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
                  runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
     start_proxy(cfg)
-    serve.run(deployment(model, index, tracking_uri, settings), name=APP_NAME, route_prefix="/", blocking=blocking)
+    serve.run(deployment(ref, index, None, settings), name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}"

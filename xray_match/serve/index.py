@@ -50,6 +50,7 @@ from xray_match.data.format import join
 from xray_match.data.io import atomic_write_bytes, filesystem, local_path, open_url
 from xray_match.serve.config import IndexConfig
 from xray_match.serve.model import INDEX_TAG
+from xray_match.tracking.models import ModelRef
 
 FORMAT_VERSION = 1
 META = "index.json"
@@ -61,6 +62,16 @@ MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 
 class IndexFormatError(ValueError):
     """An index folder that is missing, from another format version, or inconsistent."""
+
+
+def check_built_for(ref: ModelRef, meta: dict[str, Any], where: str) -> None:
+    """The one check that an index (its ``index.json`` content ``meta``, at ``where``) was built for
+    the pinned version ``ref``: an index of another version of the same registered model is refused.
+    An index of a checkpoint, or of another model, is not checked (the dimensions still are)."""
+    built_for = meta.get("model") or {}
+    if ref.registered and built_for.get("name") == ref.name and str(built_for.get("version")) != str(ref.version):
+        raise IndexFormatError(f"{where}: built for {ref.name} version {built_for.get('version')}, "
+                               f"not version {ref.version}")
 
 
 # ----------------------------------------------------------------------------- reading shards
@@ -120,13 +131,13 @@ class ShardEmbedder:
     """``map_batches`` actor: loads the model once, then embeds a batch of samples' images and
     captions. Out: one row per image (``kind`` "image") and one per caption (``kind`` "caption")."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, threads: int = 1):
+    def __init__(self, ref: ModelRef, threads: int = 1):
         import torch
 
-        from xray_match.serve.model import load_embedder, resolve
+        from xray_match.serve.model import load_embedder
 
         torch.set_num_threads(threads)  # the actor's CPU share, not every core of the node
-        self.model = load_embedder(resolve(model_uri, tracking_uri))
+        self.model = load_embedder(ref)  # the version the driver pinned, not the alias again
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from xray_match.data.reader import decode_sample
@@ -435,10 +446,11 @@ def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None,
     import ray
 
     from xray_match.data.format import read_manifest
-    from xray_match.serve.model import resolve, tag_index
+    from xray_match.serve.model import tag_index
+    from xray_match.tracking.models import resolve
 
     cfg = cfg or IndexConfig()
-    ref = resolve(model, tracking_uri)
+    ref = resolve(model, tracking_uri)  # once: the actors get this pinned version
     manifest = read_manifest(data)
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()] or sorted(manifest.splits)
     missing = [s for s in splits if s not in manifest.splits]
@@ -448,14 +460,14 @@ def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None,
     total = sum(manifest.count(sp) for sp in splits)
     if not shards:
         raise IndexFormatError(f"{data}: splits {splits} hold no shards")
-    log(f"indexing {total} images of {data} ({', '.join(splits)}; {len(shards)} shards) with {ref.pinned}")
+    log(f"indexing {total} images of {data} ({', '.join(splits)}; {len(shards)} shards) with {ref}")
     started = _init_ray()
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).flat_map(read_shard)
-        ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"model_uri": ref.pinned, "tracking_uri": ref.tracking_uri,
-                                                   "threads": max(1, math.ceil(cfg.num_cpus))},
+        ds = ds.map_batches(ShardEmbedder, fn_constructor_kwargs={"ref": ref,
+                                                                  "threads": max(1, math.ceil(cfg.num_cpus))},
                             batch_size=cfg.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                             num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)

@@ -10,8 +10,9 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
-from xray_match.serve.index import IndexFormatError, SearchIndex
-from xray_match.serve.model import Embedder, ModelRef, embed_images, embed_texts, load_embedder
+from xray_match.serve.index import IndexFormatError, SearchIndex, check_built_for
+from xray_match.serve.model import Embedder, embed_images, embed_texts, load_embedder
+from xray_match.tracking.models import ModelRef
 
 
 def image_path(split: str, key: str) -> str:
@@ -23,19 +24,17 @@ class Searcher:
     """Text -> nearest images and image -> nearest captions, with scores, ids and image URLs."""
 
     def __init__(self, ref: ModelRef, model: Embedder, index: SearchIndex):
-        built_for = index.meta.get("model", {})
-        if ref.registered and built_for.get("name") == ref.name and str(built_for.get("version")) != str(ref.version):
-            raise IndexFormatError(f"{index.path}: built for {ref.name} version {built_for.get('version')}, "
-                                   f"not version {ref.version}")
+        check_built_for(ref, index.meta, index.path)
         probe = embed_texts(model, ["a"])
         if probe.shape[1] != index.dim:
-            raise IndexFormatError(f"{index.path}: dimension {index.dim}, the model {ref.pinned} embeds to {probe.shape[1]}")
+            raise IndexFormatError(f"{index.path}: dimension {index.dim}, the model {ref} embeds to {probe.shape[1]}")
         self.ref, self.model, self.index = ref, model, index
         self._rows = {(s, k): i for i, (s, k) in enumerate(zip(index.images["split"], index.images["key"]))}
         self._lock = threading.Lock()  # one forward pass at a time per replica (torch's own threads do the rest)
 
     @classmethod
     def load(cls, ref: ModelRef, index_dir: str) -> "Searcher":
+        """The pinned ``ref``'s model with the index at ``index_dir``."""
         return cls(ref, load_embedder(ref), SearchIndex.load(index_dir))
 
     def info(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 local store, the one place an ``MlflowClient`` is made, and the registered model's name.
 
 Every MLflow write goes through :mod:`xray_match.tracking` (``runs`` for runs, ``registry`` for
-model versions); both build on this module, which imports neither.
+model versions), and every model reference is read through ``models`` (parse, resolve, pin, load);
+all build on this module, which imports none of them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 CHAMPION = "champion"
 
 
-def resolve_tracking_uri(cfg: Config) -> str:
-    """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite store under ``$XRAY_MATCH_HOME``."""
-    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+def resolve_tracking_uri(cfg: Config | None = None, uri: str | None = None) -> str:
+    """The package's one rule for the tracking URI: ``uri`` (given by a caller, e.g. ``--tracking-uri``),
+    else ``tracking.tracking_uri`` of ``cfg`` (default: :class:`Config`'s), else ``$MLFLOW_TRACKING_URI``,
+    else a sqlite store under ``$XRAY_MATCH_HOME``."""
+    uri = uri or (cfg or Config()).tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         home = xray_home()
         home.mkdir(parents=True, exist_ok=True)
