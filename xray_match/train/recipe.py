@@ -71,7 +71,6 @@ class EvalContext:
 class Recipe:
     """Base class; override what differs. ``cfg`` is the whole validated :class:`Config`."""
 
-    name: ClassVar[str] = ""
     #: the method's own config section (``cfg.moco``, ...; one of ``config.METHOD_SECTIONS``): a
     #: run logs the common sections and this one as MLflow params, not the other methods'
     section: ClassVar[str] = ""
