@@ -203,7 +203,9 @@ def deployment(model: str, index: str | None = None, tracking_uri: str | None = 
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
     autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
                    "initial_replicas": max(1, cfg.min_replicas), "target_ongoing_requests": cfg.target_ongoing_requests}
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    from xray_match.train.recipe import worker_env_vars
+
+    env = worker_env_vars() | {"HF_HUB_OFFLINE": "1"}
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
     return SearchService.options(
@@ -258,13 +260,11 @@ def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
 def run(model: str, index: str | None = None, tracking_uri: str | None = None,
         settings: dict[str, Any] | None = None, blocking: bool = False) -> str:
     """Start Serve's HTTP proxy on ``settings.host:port`` and the app; returns the base URL."""
-    import ray
+    from xray_match.driver.worker import ensure_ray
 
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
     preflight(model, index, tracking_uri)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray()
     start_proxy(cfg)
     serve.run(deployment(model, index, tracking_uri, settings), name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}"
