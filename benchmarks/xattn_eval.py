@@ -41,7 +41,8 @@ from xray_match.models.rdan import RDAN, RegionEncoder, WordEncoder  # noqa: E40
 def make_inputs(a: argparse.Namespace):
     g = torch.Generator().manual_seed(a.seed)
     torch.manual_seed(a.seed)
-    model = RDAN(RegionEncoder(a.dim, a.dim), WordEncoder(10, 8, a.dim), relation_channels=32, lambda_=4.0, mu=0.1).eval()
+    model = RDAN(RegionEncoder(a.dim, a.dim), WordEncoder(10, 8, a.dim, 1), relation_channels=32, lambda_=4.0, mu=0.1,
+                 one_path=False, use_cnn=True, use_residual=True).eval()
     v = torch.randn(a.images, a.k, a.dim, generator=g)  # (N_i, k, D) region features
     lengths = torch.randint(a.min_words, a.max_words + 1, (a.captions,), generator=g)
     e = torch.randn(a.captions, a.max_words, a.dim, generator=g)  # (N_c, n_max, D) word features

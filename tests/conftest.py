@@ -47,13 +47,15 @@ _RAY_STARTED_WITH: dict[str, str | None] = {}
 def _start_ray():
     import ray
 
+    from xray_match.train.recipe import worker_env_vars
+
     for attempt in range(3):  # on a loaded machine the raylet can give up waiting for its dashboard
         try:  # agent (a fixed 15 s, ray-project/ray#65983) and the node never comes up: start afresh
             ray.init(
                 address="local",
                 num_cpus=4,
                 log_to_driver=True,
-                runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}},
+                runtime_env={"env_vars": worker_env_vars()},
             )
             break
         except Exception as e:  # "The current node timed out during startup"

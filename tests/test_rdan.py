@@ -4,6 +4,7 @@ real shards, and a 2-worker Ray training run."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
@@ -12,13 +13,27 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from xray_match.config import ConfigError, load_config
+from xray_match.config import ConfigError, RDANConfig, load_config
 from xray_match.losses.ranking import HingeRankingLoss, hinge_all_negatives, hinge_hardest_negatives
 from xray_match.models.rdan import RDAN, RegionEncoder, RelationCNN, WordEncoder, build_rdan, cosine_all_pairs
 from xray_match.text.vocab import PAD_ID, UNK_ID, Vocab, build_vocab, tokenize
 
 # ----------------------------------------------------------------------------- vocabulary
 
+
+
+def _config_defaults(fn) -> dict:
+    """``fn``'s keyword-only arguments at RDANConfig's defaults (their one home; each must be a field)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: getattr(RDANConfig(), p.name) for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+ARGS = _config_defaults(build_rdan)
+
+
+def rdan(regions: RegionEncoder, words: WordEncoder, **kw) -> RDAN:
+    """An RDAN at RDANConfig's defaults for what a test does not set."""
+    return RDAN(regions, words, **(_config_defaults(RDAN) | kw))
 
 def test_tokenize_and_vocab_ids():
     assert tokenize("Two digits: a RED one, an orange eight!") == ["two", "digits", "a", "red", "one", "an", "orange", "eight"]
@@ -88,7 +103,7 @@ def test_eq1_region_projection_by_hand():
 def scalar_word_encoder() -> WordEncoder:
     """word_dim = D = 1; GRU with only W_in = 1: r = z = sigmoid(0) = 0.5, n = tanh(x),
     h' = 0.5 tanh(x) + 0.5 h. Token 2 embeds to 1, token 3 to 2."""
-    enc = WordEncoder(vocab_size=4, word_dim=1, embed_dim=1)
+    enc = WordEncoder(vocab_size=4, word_dim=1, embed_dim=1, num_layers=1)
     with torch.no_grad():
         for p in enc.gru.parameters():
             p.zero_()
@@ -159,7 +174,7 @@ def test_eq6_relu_after_each_layer():
 
 
 def test_eq7_residual_and_switches():
-    model = RDAN(RegionEncoder(4, 4), WordEncoder(5, 2, 4), relation_channels=1)
+    model = rdan(RegionEncoder(4, 4), WordEncoder(5, 2, 4, 1), relation_channels=1)
     model.relation = hand_relation_cnn()
     s = torch.stack([S_HAND])  # (P=1, k, n)
     mask = torch.ones(1, 2, dtype=torch.bool)
@@ -199,7 +214,7 @@ def test_relation_cnn_padding_equals_unpadded():
 
 
 def hand_model(mu: float, lambda_: float = 1.0) -> RDAN:
-    return RDAN(RegionEncoder(2, 2), WordEncoder(3, 2, 2), lambda_=lambda_, mu=mu, use_cnn=False)
+    return rdan(RegionEncoder(2, 2), WordEncoder(3, 2, 2, 1), lambda_=lambda_, mu=mu, use_cnn=False)
 
 
 V_HAND = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, k=2, D=2)
@@ -262,7 +277,7 @@ VARIANTS = [{}, {"one_path": True}, {"use_cnn": False}, {"use_residual": False},
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "full")
 def test_batched_scores_equal_per_pair_loop_with_padding(variant):
     torch.manual_seed(0)
-    model = RDAN(RegionEncoder(8, 16), WordEncoder(30, 8, 16), relation_channels=4, lambda_=4.0, **({"mu": 0.3} | variant))
+    model = rdan(RegionEncoder(8, 16), WordEncoder(30, 8, 16, 1), relation_channels=4, lambda_=4.0, **({"mu": 0.3} | variant))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -282,7 +297,7 @@ def test_chunked_all_pairs_equals_loop():
     from xray_match.metrics.xattn import score_all_pairs
 
     torch.manual_seed(1)
-    model = RDAN(RegionEncoder(8, 16), WordEncoder(30, 8, 16), relation_channels=4).eval()
+    model = rdan(RegionEncoder(8, 16), WordEncoder(30, 8, 16, 1), relation_channels=4).eval()
     v, lengths = torch.randn(5, 4, 16), torch.tensor([3, 1, 5, 5, 2, 1])
     e = torch.randn(6, 5, 16) * (torch.arange(5).view(1, -1) < lengths.view(-1, 1)).unsqueeze(-1)
     loop = torch.tensor([[reference_pair(model, v[i], e[c, : lengths[c]]).item() for c in range(6)] for i in range(5)])
@@ -292,7 +307,7 @@ def test_chunked_all_pairs_equals_loop():
 
 def test_gradients_reach_every_part():
     torch.manual_seed(0)
-    model = build_rdan(12, embed_dim=16, word_dim=8, backbone_width=4, relation_channels=4)
+    model = build_rdan(12, **(ARGS | dict(embed_dim=16, word_dim=8, backbone_width=4, relation_channels=4)))
     batch = {"images": torch.randn(3, 3, 32, 32), "tokens": torch.tensor([[2, 3, 4], [5, 6, 0], [7, 0, 0]]),
              "lengths": torch.tensor([3, 2, 1])}
     out = model(batch)
@@ -390,7 +405,7 @@ def test_mu_selects_the_pathway():
     torch.manual_seed(0)
     v, e, lengths = torch.randn(2, 4, 8), torch.randn(3, 5, 8), torch.tensor([5, 3, 2])
     for mu, untouched_map in ((0.0, 0), (1.0, 1)):
-        model = RDAN(RegionEncoder(8, 8), WordEncoder(5, 4, 8), relation_channels=4, mu=mu)
+        model = rdan(RegionEncoder(8, 8), WordEncoder(5, 4, 8, 1), relation_channels=4, mu=mu)
         before = model.pair_scores(v, e, lengths).detach()
         with torch.no_grad():
             model.relation.head.weight[untouched_map].mul_(-3.0)  # change the map this mu must not read

@@ -14,7 +14,8 @@ from xray_match.models.rdan import RDAN, RegionEncoder, WordEncoder
 def _inputs(n_img=12, n_cap=30, k=5, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = RDAN(RegionEncoder(d, d), WordEncoder(10, 8, d), relation_channels=4, lambda_=4.0, mu=0.3).eval()
+    model = RDAN(RegionEncoder(d, d), WordEncoder(10, 8, d, 1), relation_channels=4, lambda_=4.0, mu=0.3, one_path=False,
+                 use_cnn=True, use_residual=True).eval()
     v = torch.randn(n_img, k, d, generator=g)
     lengths = torch.randint(2, 7, (n_cap,), generator=g)
     words = torch.randn(int(lengths.sum()), d, generator=g)

@@ -126,6 +126,8 @@ def _dev_cluster(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xray_match.config import DigitScenesConfig  # the generator's defaults live there
+
     p = argparse.ArgumentParser(prog="xray-match", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -134,11 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds = dsub.add_parser("digit-scenes", help="the embedded captioned data set from real MNIST",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ds.add_argument("--out", required=True)
-    ds.add_argument("--train", type=int, default=10000)
-    ds.add_argument("--val", type=int, default=1000)
-    ds.add_argument("--test", type=int, default=1000)
-    ds.add_argument("--size", type=int, default=64, help="image side in pixels")
-    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--train", type=int, default=DigitScenesConfig.train)
+    ds.add_argument("--val", type=int, default=DigitScenesConfig.val)
+    ds.add_argument("--test", type=int, default=DigitScenesConfig.test)
+    ds.add_argument("--size", type=int, default=DigitScenesConfig.size, help="image side in pixels")
+    ds.add_argument("--seed", type=int, default=DigitScenesConfig.seed)
     ds.add_argument("--maxcount", type=int, default=500, help="samples per shard")
     ds.add_argument("--workers", type=int, default=None, help="processes (default: min(4, cores))")
     ds.add_argument("--no-progress", action="store_true")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from xray_match.config import DigitScenesConfig
 from xray_match.data.mnist import load_mnist
 from xray_match.data.format import box_iou
 from xray_match.data.io import png_bytes
@@ -44,13 +45,13 @@ _SOURCES = {"train": ("train", 0, 54000), "val": ("train", 54000, 60000), "test"
 
 @dataclass(frozen=True)
 class SceneSpec:
-    size: int = 64
+    size: int = DigitScenesConfig.size  # the defaults of what the config sets live there (one home)
     min_digits: int = 1
     max_digits: int = 4
     digit_scale: tuple[float, float] = (0.32, 0.5)  # digit side as a fraction of the image side
     max_overlap: float = 0.2  # max IoU between two digits' boxes (rejection sampling)
     noise_std: float = 10.0  # Gaussian noise, in 0..255 units
-    seed: int = 0
+    seed: int = DigitScenesConfig.seed
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -214,11 +215,11 @@ def render_scene(split: str, index: int, spec: SceneSpec) -> dict[str, Any]:
 
 def build_digit_scenes(
     out: str,
-    train: int = 10000,
-    val: int = 1000,
-    test: int = 1000,
-    size: int = 64,
-    seed: int = 0,
+    train: int = DigitScenesConfig.train,
+    val: int = DigitScenesConfig.val,
+    test: int = DigitScenesConfig.test,
+    size: int = DigitScenesConfig.size,
+    seed: int = DigitScenesConfig.seed,
     maxcount: int = 500,
     workers: int | None = None,
     progress: bool = True,

@@ -21,6 +21,7 @@ import fsspec
 
 if TYPE_CHECKING:
     import numpy as np
+    from PIL import Image
 
 #: the names :func:`temp_path` gives: hidden, and never taken for a shard (``.x.tar.tmp-1a2b3c4d``)
 _TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
@@ -164,12 +165,15 @@ def remove(path: str) -> None:
     fs.rm(p)
 
 
-def png_bytes(arr: "np.ndarray") -> bytes:
-    """``arr`` (H, W) or (H, W, 3) uint8 as PNG bytes (fast compression: shards are written once)."""
+def png_bytes(im: "np.ndarray | Image.Image") -> bytes:
+    """``im`` - a PIL image, or an (H, W) or (H, W, 3) uint8 array - as PNG bytes (fast compression:
+    shards are written once). The one PNG encoder of the generators and the converters."""
     import io
 
     from PIL import Image
 
+    if not isinstance(im, Image.Image):
+        im = Image.fromarray(im)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    im.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from xray_match.config import MultiMnistConfig
 from xray_match.data.mnist import load_mnist
 from xray_match.data.format import box_iou
 from xray_match.data.io import png_bytes
@@ -54,13 +55,14 @@ _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
 
 @dataclass(frozen=True)
 class MultiMnistSpec:
-    canvas: int = 56  # side of random-layout images (grids are 28 * side)
+    # the defaults of what the config sets live there (one home)
+    canvas: int = MultiMnistConfig.canvas  # side of random-layout images (grids are 28 * side)
     min_digits: int = 1
     max_digits: int = 4
-    max_overlap: float = 0.5  # per-image overlap cap drawn from U(0, max_overlap)
-    noise_std: float = 25.0  # Gaussian white noise, 0..255 units
+    max_overlap: float = MultiMnistConfig.max_overlap  # per-image overlap cap drawn from U(0, max_overlap)
+    noise_std: float = MultiMnistConfig.noise_std  # Gaussian white noise, 0..255 units
     ink: float = 0.1  # a pixel belongs to a digit's box above this fraction of full intensity
-    seed: int = 0
+    seed: int = MultiMnistConfig.seed
 
     def __post_init__(self) -> None:
         if self.canvas < DIGIT:
@@ -140,10 +142,10 @@ def render(split: str, index: int, spec: MultiMnistSpec) -> dict[str, Any]:
 
 def build_multi_mnist(
     out: str,
-    train: int = 20000,
-    val: int = 1000,
-    test: int = 1000,
-    grid_test: int = 1000,
+    train: int = MultiMnistConfig.train,
+    val: int = MultiMnistConfig.val,
+    test: int = MultiMnistConfig.test,
+    grid_test: int = MultiMnistConfig.grid_test,
     spec: MultiMnistSpec | None = None,
     maxcount: int = 500,
     workers: int | None = None,

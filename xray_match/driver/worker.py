@@ -24,7 +24,7 @@ from xray_match.config import Config
 from xray_match.driver.storage import run_storage
 from xray_match.registry import RECIPES
 from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, save_checkpoint
-from xray_match.train.recipe import DataInfo, worker_env
+from xray_match.train.recipe import DataInfo, worker_env, worker_env_vars
 
 # Worker progress goes through logging, not print: Ray Train V2 patches print on its workers to tee
 # into the root logger as well as the (Ray-wrapped) stdout, so every printed line reached the
@@ -187,10 +187,13 @@ def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | 
     return out
 
 
-def ensure_ray() -> None:
-    """Join the cluster at ``$RAY_ADDRESS``, or start a local one, unless Ray is up already."""
+def ensure_ray(log_to_driver: bool = True) -> bool:
+    """Join the cluster at ``$RAY_ADDRESS``, or start a local one, unless Ray is up already (the
+    package's one ``ray.init``). Returns whether this call started Ray."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver,
+             runtime_env={"env_vars": worker_env_vars()})
+    return True

@@ -31,7 +31,8 @@ class InfoNCELoss(nn.Module):
     text encoder would get no gradient once keys come from its momentum copy.
     """
 
-    def __init__(self, sampler: NegativeSampler, temperature: float = 0.07):
+    def __init__(self, sampler: NegativeSampler, temperature: float):
+        # no default here: the one home of the temperature's default is MocoConfig.temperature
         super().__init__()
         self.sampler = sampler
         self.temperature = temperature

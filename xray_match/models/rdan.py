@@ -73,7 +73,7 @@ class WordEncoder(nn.Module):
     and padding never enters a real word's state.
     """
 
-    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, num_layers: int = 1):
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, num_layers: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)  # W_o o_i
         self.embed_bias = nn.Parameter(torch.zeros(word_dim))  # b_o
@@ -105,7 +105,7 @@ class RelationCNN(nn.Module):
     layer, so a padded pair gives exactly the result of its unpadded k x n matrix.
     """
 
-    def __init__(self, channels: int = 32, out_maps: int = 2):
+    def __init__(self, channels: int, out_maps: int = 2):
         super().__init__()
         self.convs = nn.ModuleList(
             [
@@ -188,12 +188,13 @@ class RDAN(nn.Module):
         self,
         regions: RegionEncoder,
         words: WordEncoder,
-        relation_channels: int = 32,
-        lambda_: float = 4.0,
-        mu: float = 0.1,
-        one_path: bool = False,
-        use_cnn: bool = True,
-        use_residual: bool = True,
+        *,
+        relation_channels: int,
+        lambda_: float,
+        mu: float,
+        one_path: bool,
+        use_cnn: bool,
+        use_residual: bool,
     ):
         super().__init__()
         if not 0.0 <= mu <= 1.0:
@@ -324,22 +325,22 @@ class RDAN(nn.Module):
 def build_rdan(
     vocab_size: int,
     *,
-    region_source: str = "grid",
-    backbone: str = "resnet10",
-    backbone_width: int = 16,
-    grid: int = 4,
-    region_dim: int = 2048,
-    embed_dim: int = 1024,
-    word_dim: int = 300,
-    gru_layers: int = 1,
-    relation_channels: int = 32,
-    lambda_: float = 4.0,
-    mu: float = 0.1,
-    one_path: bool = False,
-    use_cnn: bool = True,
-    use_residual: bool = True,
+    region_source: str,
+    backbone: str,
+    backbone_width: int,
+    grid: int,
+    region_dim: int,
+    embed_dim: int,
+    word_dim: int,
+    gru_layers: int,
+    relation_channels: int,
+    lambda_: float,
+    mu: float,
+    one_path: bool,
+    use_cnn: bool,
+    use_residual: bool,
 ) -> RDAN:
-    """Numbers in, module out (the recipe reads the config)."""
+    """Numbers in, module out (the recipe reads the config; the defaults live in RDANConfig)."""
     if region_source == "grid":
         if backbone not in RESNET_BLOCKS:
             raise ValueError(f"rdan.backbone: {backbone!r} is not one of {sorted(RESNET_BLOCKS)}")
@@ -350,4 +351,5 @@ def build_rdan(
     else:
         raise ValueError(f"rdan.region_source: {region_source!r} is not 'grid' or 'precomputed'")
     words = WordEncoder(vocab_size, word_dim, embed_dim, gru_layers)
-    return RDAN(regions, words, relation_channels, lambda_, mu, one_path, use_cnn, use_residual)
+    return RDAN(regions, words, relation_channels=relation_channels, lambda_=lambda_, mu=mu, one_path=one_path,
+                use_cnn=use_cnn, use_residual=use_residual)

@@ -214,7 +214,6 @@ def collate_retrieval(items: list[dict[str, Any]]) -> dict[str, Any]:
 class DSPERecipe(DSPEBase):
     """Image-sentence retrieval: R@1/5/10 both directions on the validation split."""
 
-    name = "dspe"
     metric = "val/rsum"
     mode = "max"
 

@@ -199,7 +199,6 @@ class DSPEPhraseRecipe(DSPEBase):
     """Region-phrase embedding; ``val/phrase_acc`` = share of phrases whose nearest candidate box
     has IoU >= 0.5 with the phrase's ground-truth box."""
 
-    name = "dspe_phrase"
     metric = "val/phrase_acc"
     mode = "max"
 

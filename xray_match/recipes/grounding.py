@@ -137,7 +137,6 @@ def build_grounder(g: Any, backbone_state: dict[str, torch.Tensor] | None = None
 
 @RECIPES.register("grounding")
 class GroundingRecipe(Recipe):
-    name = "grounding"
     section = "grounding"
     metric = "val/avg_iou"
     mode = "max"

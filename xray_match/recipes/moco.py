@@ -91,7 +91,6 @@ def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 @RECIPES.register("moco")
 class MocoRecipe(Recipe):
-    name = "moco"
     section = "moco"
     metric = "val/rsum"
     mode = "max"

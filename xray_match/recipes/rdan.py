@@ -171,7 +171,6 @@ class RDANLoss(nn.Module):
 
 @RECIPES.register("rdan")
 class RDANRecipe(Recipe):
-    name = "rdan"
     section = "rdan"
     metric = "val/rsum"
     mode = "max"

@@ -215,7 +215,9 @@ def deployment(model: ModelRef | str, index: str | None = None, tracking_uri: st
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
     autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
                    "initial_replicas": max(1, cfg.min_replicas), "target_ongoing_requests": cfg.target_ongoing_requests}
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    from xray_match.train.recipe import worker_env_vars
+
+    env = worker_env_vars() | {"HF_HUB_OFFLINE": "1"}
     tracking_uri = (model.tracking_uri if isinstance(model, ModelRef) else None) or tracking_uri \
         or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
@@ -271,14 +273,12 @@ def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
 def run(ref: ModelRef, index: str, settings: dict[str, Any] | None = None, blocking: bool = False) -> str:
     """Start Serve's HTTP proxy on ``settings.host:port`` and the app serving what :func:`preflight`
     returned (the pinned ``ref`` and its checked ``index``); returns the base URL."""
-    import ray
+    from xray_match.driver.worker import ensure_ray
 
     if not isinstance(ref, ModelRef) or not ref.pinned or not index:
         raise ValueError("run: pass the pinned reference and the index that preflight() returns")
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local",
-                 runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
+    ensure_ray()
     start_proxy(cfg)
     serve.run(deployment(ref, index, None, settings), name=APP_NAME, route_prefix="/", blocking=blocking)
     return f"http://{cfg.host}:{cfg.port}"

@@ -426,16 +426,6 @@ class SearchIndex:
 # ----------------------------------------------------------------------------- building
 
 
-def _init_ray() -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
-             runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}})
-    return True
-
-
 def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None, tracking_uri: str | None = None,
                 progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Embed every image and caption of ``data``'s splits with ``model`` and write the index to ``out``.
@@ -461,7 +451,9 @@ def build_index(model: str, data: str, out: str, cfg: IndexConfig | None = None,
     if not shards:
         raise IndexFormatError(f"{data}: splits {splits} hold no shards")
     log(f"indexing {total} images of {data} ({', '.join(splits)}; {len(shards)} shards) with {ref}")
-    started = _init_ray()
+    from xray_match.driver.worker import ensure_ray
+
+    started = ensure_ray(log_to_driver=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress

@@ -71,7 +71,6 @@ class EvalContext:
 class Recipe:
     """Base class; override what differs. ``cfg`` is the whole validated :class:`Config`."""
 
-    name: ClassVar[str] = ""
     #: the method's own config section (``cfg.moco``, ...; one of ``config.METHOD_SECTIONS``): a
     #: run logs the common sections and this one as MLflow params, not the other methods'
     section: ClassVar[str] = ""
@@ -192,5 +191,13 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def worker_env_vars() -> dict[str, str]:
+    """The environment of every process that trains or serves: the one home of the ``runtime_env``
+    of each ``ray.init`` (``driver.worker.ensure_ray``) and of the Serve replicas."""
+    return {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def worker_env() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Set :func:`worker_env_vars` where the process does not have them."""
+    for key, value in worker_env_vars().items():
+        os.environ.setdefault(key, value)

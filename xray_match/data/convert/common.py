@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from xray_match.data.format import MANIFEST, Manifest, ShardInfo, join, write_manifest
-from xray_match.data.io import exists, filesystem, isdir, list_names, open_url  # the converters take them from here
+from xray_match.data.io import exists, filesystem, isdir, list_names, open_url, png_bytes  # the converters take them from here
 from xray_match.data.writer import (
     _complete,
     add_shard,
@@ -300,14 +300,6 @@ def load_image(path: str, max_side: int = 0) -> ImageBlob:
     buf = io.BytesIO()
     im.convert("RGB" if im.mode not in ("RGB", "L") else im.mode).save(buf, format="PNG")
     return ImageBlob(buf.getvalue(), "png", w, h, w, h)
-
-
-def png_bytes(im: Image.Image | np.ndarray) -> bytes:
-    if isinstance(im, np.ndarray):
-        im = Image.fromarray(im)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
