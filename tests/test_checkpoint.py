@@ -74,6 +74,7 @@ def test_storage_root(tmp_path, monkeypatch):
         assert load_checkpoint(d)["x"].item() == 1.0
 
 
+@pytest.mark.slow
 def test_evaluating_a_checkpoint_equals_the_trainers_evaluation(tiny_scenes, tmp_path):
     """No optimizer, scheduler or loss is built, and the metrics are the trainer's own."""
     from xray_match.driver.prepare import prepare_info

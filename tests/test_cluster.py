@@ -131,9 +131,10 @@ def test_users_path_end_to_end(cluster, mlflow_env):
     assert "=== xray_match tune ===" in log, log[-3000:]
     assert "fixed for every trial (given on the command line): " in log  # SMALL's data.batch_size
     assert f"results: s3://{bucket}/ray/study-e2e" in log  # printed paths keep their scheme
+    assert f"best_checkpoint: s3://{bucket}/ray/study-e2e-" in log  # each trial's run beside the study
     # Tune's state and the trials' checkpoints are in the bucket
     fs = s3(cluster)
-    assert fs.glob(f"{bucket}/ray/study-e2e/experiment_state-*.json")
+    assert fs.glob(f"{bucket}/ray/study-e2e/experiment_state-*.json") and fs.exists(f"{bucket}/ray/study-e2e/tuner.pkl")
     assert fs.glob(f"{bucket}/ray/study-e2e-*/checkpoint_*/checkpoint.pt")
 
     # each trial's worker group spread over two nodes
@@ -303,7 +304,7 @@ def test_a_worker_node_killed_mid_epoch_resumes_from_the_bucket(cluster, tmp_pat
     the same weights as an undisturbed run."""
     import torch
 
-    from test_ray_moco import _sample_log
+    from helpers import sample_log as _sample_log
 
     from xray_match import devcluster
     from xray_match.driver.worker import FAULT_ENV, SAMPLE_LOG_ENV

@@ -95,6 +95,7 @@ write_split(sys.argv[1], "digit-scenes", "train", 40, make, maxcount=10, workers
 """
 
 
+@pytest.mark.slow
 def test_writer_killed_mid_shard_leaves_no_partial_shard_in_manifest(tmp_path):
     root = str(tmp_path / "ds")
     proc = subprocess.run([sys.executable, "-c", KILLER, root], capture_output=True)
@@ -132,6 +133,7 @@ scenes.build_digit_scenes(sys.argv[1], train=20, val=10, test=0, maxcount=10, wo
 """
 
 
+@pytest.mark.slow
 def test_a_build_is_incomplete_until_its_last_split(tmp_path):
     root = str(tmp_path / "ds")
     assert subprocess.run([sys.executable, "-c", BUILD_KILLER, root], capture_output=True).returncode == 9
@@ -204,6 +206,7 @@ print(" ".join(s["key"] for _ in range(6) for s in next(it)))
 """
 
 
+@pytest.mark.slow
 def test_training_order_is_a_function_of_the_seed_alone(tiny_scenes):
     """Two processes with different PYTHONHASHSEEDs and one seed see one order; another seed, another."""
     def order(seed: int, hashseed: str) -> str:

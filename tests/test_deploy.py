@@ -19,7 +19,6 @@ import copy
 import fnmatch
 import functools
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -156,6 +155,7 @@ def crd_validator(kind: str):
     return jsonschema.Draft7Validator(schema)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", BUILDS)
 def test_kuberay_resources_validate_against_crd_schema(build):
     for doc in rendered(build):
@@ -166,6 +166,7 @@ def test_kuberay_resources_validate_against_crd_schema(build):
         assert not errors, "\n".join(f"{_key(doc)} {'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
 
 
+@pytest.mark.slow
 def test_crd_validation_catches_typos():
     doc = copy.deepcopy(docs_of("base", "RayCluster")[0])
     doc["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3

@@ -4,32 +4,16 @@ folder, a bad override. Subprocess timeouts only guard against a hang; no verdic
 
 import os
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from helpers import one_error_line as _one_error_line
+from helpers import run_job as _job
 from xray_match.preflight import PreflightError, check_data, check_tracking
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _job(*argv: str, home: str, job: str = "train_moco.py") -> subprocess.CompletedProcess:
-    env = dict(os.environ, XRAY_MATCH_HOME=home, MLFLOW_TRACKING_URI="")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "jobs", job), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
-def _one_error_line(out: subprocess.CompletedProcess, *needles: str) -> str:
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr, out.stderr[-2000:]
-    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, out.stderr[-2000:]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_unreachable_tracking_server_fails_before_ray(tiny_scenes, tmp_path):
@@ -53,6 +37,7 @@ def test_bad_override_is_one_config_line(tmp_path):
     _one_error_line(_job("optim.lr=-1", home=str(tmp_path)), "error: config: ", "optim.lr")
 
 
+@pytest.mark.slow
 def test_resume_without_a_study_fails_before_ray(tiny_scenes, tmp_path):
     out = _job("--resume", "--data", tiny_scenes, home=str(tmp_path), job="tune_moco.py")
     _one_error_line(out, "--resume: no interrupted study 'tune-moco-*'", str(tmp_path / "runs"))

@@ -191,6 +191,7 @@ def test_model_forward_and_inference(tiny_scenes, embeddings):
     assert sorted(i for i, _ in ranked) == [0, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["preset", "lstm"])
 def test_preset_model_learns_on_tiny_shards(tiny_scenes, head):
     """The cold start that failed (issue 14): the preset's model brings the training InfoNCE below
@@ -252,6 +253,7 @@ def _two_rank_batch_loss(rank, img, txt, ids, init, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
     """Each rank: InfoNCE over its queries against the gathered batch. The rank gradients, averaged
     as DDP does, must equal the gradient of the loss over the whole batch in one process — in

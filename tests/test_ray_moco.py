@@ -58,23 +58,23 @@ def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes,
     assert state["loop"]["step"] == 6 and [h["epoch"] for h in state["loop"]["history"]] == [1.0, 2.0]
 
 
-def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
+def test_tune_registers_the_champion_and_it_loads_back(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
     from mlflow import MlflowClient
 
     import xray_match
     from xray_match.driver.tuner import run_tune
     from xray_match.tracking.models import ModelLookupError, load_inference
 
-    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=2", "tune.time_budget_s=86400",
+    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=1", "tune.time_budget_s=86400",
                "ray.name=study")
     out = run_tune(cfg, "moco")
-    assert out["trials"] == 2 and out["model_version"] == 1
+    assert out["trials"] == 1 and out["model_version"] == 1
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version_by_alias("xray-match-moco", "champion")
     assert str(version.version) == "1" and version.tags["metric"] == "val/rsum" and version.tags["dataset"] == "digit-scenes"
     children = client.search_runs([client.get_run(out["parent_run_id"]).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
-    assert len(children) == 2 and all(c.data.metrics.get("val/rsum") is not None for c in children)
+    assert len(children) == 1 and all(c.data.metrics.get("val/rsum") is not None for c in children)
 
     model = xray_match.load_model("models:/xray-match-moco@champion", tracking_uri=mlflow_uri)
     direct = load_inference(out["best_checkpoint"])
@@ -101,50 +101,3 @@ def test_tune_two_trials_registers_champion_and_loads_back(ray_cluster, tiny_sce
         xray_match.load_model("models:/xray-match-moco@nope", tracking_uri=mlflow_uri)
     with pytest.raises(ModelLookupError, match="no registered model 'missing'"):
         xray_match.load_model("models:/missing@champion", tracking_uri=mlflow_uri)
-
-
-def _sample_log(folder) -> dict[int, dict[int, list[str]]]:
-    """rank -> step -> shard keys from the workers' audit trail (a step trained twice: the last time)."""
-    import json
-
-    out: dict[int, dict[int, list[str]]] = {}
-    for path in sorted(folder.glob("samples-rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            out.setdefault(row["rank"], {})[row["step"]] = row["keys"]
-    return out
-
-
-def test_worker_lost_mid_epoch_resumes_from_the_step_checkpoint_with_the_same_samples(
-        ray_cluster, tiny_scenes, tmp_path, mlflow_uri, monkeypatch):
-    """Step checkpoints (issue 16): worker 1 dies hard at step 7, inside epoch 2 (5 steps an epoch,
-    a checkpoint every 2 steps). Ray Train restarts the group from the step-6 checkpoint, and the run
-    ends with the same step count, the same batches on every rank in the same order, and the same
-    weights as an undisturbed run; only step 7 was trained twice."""
-    from xray_match.driver.worker import FAULT_ENV, SAMPLE_LOG_ENV, run_training
-    from xray_match.train.checkpoint import load_checkpoint
-
-    runs = {}
-    for name in ("undisturbed", "killed"):
-        log = tmp_path / f"samples-{name}"
-        log.mkdir()
-        monkeypatch.setenv(SAMPLE_LOG_ENV, str(log))
-        if name == "killed":
-            monkeypatch.setenv(FAULT_ENV, f"1:step=7:{tmp_path / 'worker-exited'}")
-        cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "data.steps_per_epoch=5", "train.epochs=2",
-                   "train.checkpoint_every_steps=2", "ray.max_failures=1", "tracking.enabled=false",
-                   f"ray.name={name}", "data.num_workers=2", "data.shuffle_buffer=16")
-        out = run_training(cfg, register=False)
-        runs[name] = (out, load_checkpoint(out["checkpoint"]), _sample_log(log),
-                      [line for p in sorted(log.glob("*.jsonl")) for line in p.read_text().splitlines()])
-    assert (tmp_path / "worker-exited").exists()  # the worker did die
-    (out0, state0, keys0, lines0), (out1, state1, keys1, lines1) = runs["undisturbed"], runs["killed"]
-    assert state1["loop"]["resumes"] == 1 and state0["loop"]["resumes"] == 0
-    assert state1["loop"]["step"] == state0["loop"]["step"] == 10 and out1["metrics"]["epoch"] == 2.0
-    assert sorted(keys0) == [0, 1] and all(sorted(k) == list(range(1, 11)) for k in keys0.values())
-    assert keys1 == keys0  # every rank, every step: the same samples in the same order
-    # the killed run trained step 7 twice (rank 1 died after it, rank 0 may have gone on to 8), the rest once
-    redone = {7, 8}
-    assert 2 * 10 < len(lines1) <= 2 * 10 + 2 * len(redone) and len(lines0) == 2 * 10
-    for k, v in state0["model"].items():
-        assert torch.allclose(v.float(), state1["model"][k].float(), atol=1e-5), k

@@ -39,6 +39,7 @@ def _train(cfg, info, start=None):
     return steps, saved, trainer.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_sees_the_same_samples_and_ends_with_the_same_weights(tiny_scenes, num_workers, tmp_path):
     from xray_match.driver.prepare import prepare_info

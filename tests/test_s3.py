@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_failfast import _job, _one_error_line
+from helpers import one_error_line as _one_error_line
+from helpers import run_job as _job
 from xray_match.data.digit_scenes import SceneSpec, build_digit_scenes, render_scene
 from xray_match.data.format import ShardFormatError, find_manifest, read_manifest
 from xray_match.data.io import filesystem, write_atomic
@@ -195,38 +196,6 @@ def test_a_train_job_with_data_and_storage_in_the_bucket_prints_and_tags_s3_urls
     assert tags["checkpoint"] == ckpt and tags["data_path"] == f"{s3_url}/data"
 
 
-@pytest.mark.s3
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_a_tune_job_keeps_its_study_state_in_the_bucket_and_names_the_best_checkpoint_by_url(
-        s3_url, ray_cluster_s3, tmp_path, capsys):
-    from mlflow import MlflowClient
-    from ray import tune
-
-    from xray_match.launch import tune_main
-    from xray_match.train.checkpoint import load_checkpoint
-
-    build_digit_scenes(f"{s3_url}/data", **TINY)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = tune_main("moco_cpu", argv=[
-        "--data", f"{s3_url}/data", "--storage-path", f"{s3_url}/runs", "--tracking-uri", uri, "--name", "s3study",
-        "--model-name", "s3-tuned", "--num-samples", "1", "--max-concurrent", "1", "--num-workers", "1",
-        "--cpus-per-worker", "1", "--epochs", "1", "--no-test-eval", "tune.trial_epochs=1", "data.steps_per_epoch=2",
-        "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=16", "moco.embed_dim=32",
-        "moco.teacher_hidden=[64]", "moco.lstm_hidden=64"])
-    study, best = f"{s3_url}/runs/s3study", out["best_checkpoint"]
-    # each trial's TorchTrainer stores its run beside the study folder, as <study>-<trial id>
-    assert out["storage"] == study and best.startswith(f"{study}-"), best
-    assert tune.Tuner.can_restore(study)  # Tune's study state is in the bucket (what --resume reads)
-    printed = capsys.readouterr().out
-    assert out["fixed"] == {"data.batch_size": 8} and "fixed for every trial (given on the command line): " \
-        "data.batch_size=8" in printed  # a key given on the command line leaves the search space
-    assert re.search(rf"results: {re.escape(study)}$", printed, re.M) and re.search(
-        rf"best_checkpoint: {re.escape(best)}$", printed, re.M), printed[-2000:]
-    assert load_checkpoint(best)["loop"]["step"] == 2
-    assert MlflowClient(uri).get_model_version("s3-tuned", str(out["model_version"])).tags["checkpoint"] == best
-
-
 # ----------------------------------------------------------------------------- the search index
 
 
@@ -316,6 +285,7 @@ def test_index_of_shards_in_the_bucket_built_into_the_bucket_and_served_from_it(
 # ----------------------------------------------------------------------------- an unreachable store, at start
 
 
+@pytest.mark.slow
 def test_a_job_with_an_unreachable_store_fails_in_one_line_naming_the_endpoint(tmp_path, monkeypatch):
     """No store runs here: AWS_ENDPOINT_URL points at a closed loopback port."""
     port = _closed_port()
@@ -345,6 +315,7 @@ def test_a_job_refuses_a_missing_data_folder_or_bucket_in_the_store_in_one_line(
     _one_error_line(_job("--data", "s3://no-such-bucket/data", home=str(tmp_path)), "data.path", endpoint)
 
 
+@pytest.mark.slow
 def test_the_store_check_gives_up_on_a_silent_endpoint_and_names_other_stores(monkeypatch):
     from xray_match.preflight import PreflightError, check_store
 
