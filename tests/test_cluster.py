@@ -130,6 +130,7 @@ def test_users_path_end_to_end(cluster, mlflow_env):
                        "--num-samples", "1", "--name", "study-e2e", "tune.trial_epochs=1", "train.epochs=1", *SMALL])
     assert "=== xray_match tune ===" in log, log[-3000:]
     assert "fixed for every trial (given on the command line): " in log  # SMALL's data.batch_size
+    assert "GetTimeoutError" not in log  # Train's coordinator is up before the first trainer asks it
     assert f"results: s3://{bucket}/ray/study-e2e" in log  # printed paths keep their scheme
     assert f"best_checkpoint: s3://{bucket}/ray/study-e2e-" in log  # each trial's run beside the study
     # Tune's state and the trials' checkpoints are in the bucket

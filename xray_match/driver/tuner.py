@@ -179,7 +179,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
 
     from xray_match.driver.prepare import prepare_info
     from xray_match.driver.storage import run_storage
-    from xray_match.driver.worker import ensure_ray
+    from xray_match.driver.worker import ensure_ray, start_train_coordinator
     from xray_match.tracking.runs import TrackingSession, log_texts
     from xray_match.tracking.store import registered_model_name
 
@@ -204,6 +204,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
         study = cfg.ray.name or f"tune-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     info = info or prepare_info(cfg)
     ensure_ray()
+    start_train_coordinator()
     cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
     metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
     mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode

@@ -172,6 +172,7 @@ def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | 
     if info is None:
         info = prepare_info(cfg)
     ensure_ray()
+    start_train_coordinator()
     session = TrackingSession(cfg)
     run_id = session.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
     result = build_trainer(cfg, info, mlflow=session.worker_spec(run_id)).fit()
@@ -197,3 +198,20 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
     ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=log_to_driver,
              runtime_env={"env_vars": worker_env_vars()})
     return True
+
+
+def start_train_coordinator(timeout_s: float = 120.0) -> None:
+    """Start Ray Train's autoscaling coordinator (one detached actor per cluster) and wait until it
+    is up. Every TorchTrainer's controller asks it for resources with a 5 s timeout; the first ask
+    on a cold cluster starts the actor, which takes longer than that on a busy small machine, and
+    the controller then logs a ``GetTimeoutError`` traceback in a healthy run. Private Ray API:
+    where it has moved, this does nothing."""
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+    except ImportError:
+        return
+    ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=timeout_s)
