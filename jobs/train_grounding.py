@@ -17,10 +17,10 @@ PRESET = "grounding_cpu"
 
 
 def main(argv=None) -> dict:
-    argv, cfg = argv_with_data(PRESET, sys.argv[1:] if argv is None else argv, tune=False, build_data=ensure_data)
+    argv = argv_with_data(PRESET, sys.argv[1:] if argv is None else argv, tune=False, build_data=ensure_data)
     out = train_main(PRESET, argv)
-    if out.get("checkpoint") and "--no-test-eval" not in argv:
-        print("\n=== Table 2 ===\n" + report_run(cfg, out))
+    if out["checkpoint"] and "--no-test-eval" not in argv:
+        print("\n=== Table 2 ===\n" + report_run(out))
     return out
 
 

@@ -18,10 +18,10 @@ PRESET = "grounding_cpu"
 
 
 def main(argv=None) -> dict:
-    argv, cfg = argv_with_data(PRESET, sys.argv[1:] if argv is None else argv, tune=True, build_data=ensure_data)
+    argv = argv_with_data(PRESET, sys.argv[1:] if argv is None else argv, tune=True, build_data=ensure_data)
     out = tune_main(PRESET, "grounding_table1", argv)
     if "--no-test-eval" not in argv:
-        out["tables"] = report_study(cfg, out)
+        out["tables"] = report_study(out)
         print(out["tables"])
     return out
 

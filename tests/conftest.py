@@ -134,7 +134,7 @@ def served_model(tiny_scenes, ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     ckpt = train_checkpoint(tiny_scenes, str(root / "ckpt-v1"), steps=3, seed=0)
-    version = register(uri, ckpt, "serve-moco", tiny_scenes)
+    version = register(uri, ckpt, "serve-moco")
     index = index_cli("models:/serve-moco@champion", tiny_scenes, str(root / "index-v1"), uri)
     return {"tracking_uri": uri, "name": "serve-moco", "version": str(version), "checkpoint": ckpt,
             "index": index, "data": tiny_scenes, "root": str(root)}

@@ -28,18 +28,18 @@ def train_checkpoint(data: str, out_dir: str, steps: int = 3, preset: str = "moc
     return out_dir
 
 
-def register(mlflow_uri: str, checkpoint_dir: str, name: str, data: str) -> int:
-    """Register ``checkpoint_dir`` as a new version of ``name`` (alias champion moves to it)."""
+def register(mlflow_uri: str, checkpoint_dir: str, name: str) -> int:
+    """Register ``checkpoint_dir`` as a new version of ``name`` (alias champion moves to it), as a
+    run's context does."""
     from xray_match.config import load_config
-    from xray_match.tracking.runs import TrackingSession
-    from xray_match.train.recipe import DataInfo
+    from xray_match.driver.context import RunContext
 
     cfg = load_config("moco_cpu", [f"tracking.tracking_uri={mlflow_uri}", "tracking.experiment_name=serve-tests",
                                    f"tracking.registered_model_name={name}"])
-    session = TrackingSession(cfg)
-    run_id = session.start_run(f"register-{os.path.basename(checkpoint_dir)}")
-    version = session.register(checkpoint_dir, run_id, {}, DataInfo(root=data, dataset="digit-scenes", counts={}))
-    session.end_run(run_id)
+    ctx = RunContext.from_config(cfg)
+    run_id = ctx.tracking.start_run(f"register-{os.path.basename(checkpoint_dir)}")
+    version = ctx.register(ctx.checkpoint(checkpoint_dir), run_id, {})
+    ctx.tracking.end_run(run_id)
     return version
 
 

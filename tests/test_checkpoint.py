@@ -1,5 +1,5 @@
 """xray_match.train.checkpoint: plain-data files written atomically and opened with
-weights_only=True, the storage root, and evaluating a checkpoint equal to the trainer's evaluation."""
+weights_only=True, the storage root and a run's context, and evaluating a checkpoint equal to the trainer's evaluation."""
 
 from __future__ import annotations
 
@@ -72,6 +72,27 @@ def test_storage_root(tmp_path, monkeypatch):
     assert ckpt.url == str(folder) and ckpt.load()["x"].item() == 1.0
     with ckpt.as_directory() as d:
         assert load_checkpoint(d)["x"].item() == 1.0
+
+
+def test_a_runs_context_hands_out_stored_checkpoints(tmp_path, monkeypatch):
+    """RunContext: the storage of the config, Ray's reports as StoredCheckpoints (a scheme-less path
+    under a URL root gets the scheme back), the registered name, and no registration with tracking off."""
+    from types import SimpleNamespace
+
+    from xray_match.driver.context import RunContext
+
+    monkeypatch.setenv("XRAY_MATCH_HOME", str(tmp_path / "home"))
+    ctx = RunContext.from_config(load_config("moco_cpu", {"ray.storage_path": "s3://bucket/ray",
+                                                          "tracking.enabled": False}))
+    assert ctx.storage.root == "s3://bucket/ray" and ctx.model_name == "xray-match-moco"
+    reported = SimpleNamespace(path="bucket/ray/run/checkpoint_000001")  # a ray.train.Checkpoint's path
+    ckpt = ctx.checkpoint(reported)
+    assert ckpt.url == "s3://bucket/ray/run/checkpoint_000001" and ctx.checkpoint(ckpt) is ckpt
+    assert ctx.checkpoint("bucket/ray/run/checkpoint_000001") == ckpt
+    assert ctx.checkpoint(None) is None and ctx.checkpoint("") is None
+    assert ctx.register(ckpt, None, {}) is None  # tracking off: nothing registered, nothing read
+    assert ctx.model_ref(None) is None
+    assert ctx.model_ref(3) == "models:/xray-match-moco/3 (alias: models:/xray-match-moco@champion)"
 
 
 @pytest.mark.slow

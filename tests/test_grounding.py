@@ -433,7 +433,6 @@ def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_
     from mlflow import MlflowClient
 
     from xray_match.driver.worker import run_training
-    from xray_match.train.checkpoint import load_checkpoint
 
     cfg = _cfg(f"data.path={tiny_mm}", "data.steps_per_epoch=2", "data.batch_size=8", "data.eval_batch_size=10",
                f"ray.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1",
@@ -441,7 +440,7 @@ def test_two_worker_ray_run_logs_metrics_and_overlays(ray_cluster, tiny_mm, tmp_
     out = run_training(cfg, register=False)
     m = out["metrics"]
     assert m["epoch"] == 1.0 and m["val/queries"] > 0 and 0 <= m["val/avg_iou"] <= 100 and "val/map" in m
-    state = load_checkpoint(out["checkpoint"])
+    state = out["checkpoint"].load()
     assert state["loop"]["step"] == 2 and "mcb.sketch_x.h" in state["model"]  # Ψ saved with the model
     client = MlflowClient(mlflow_uri)
     assert [h.step for h in client.get_metric_history(out["run_id"], "val/avg_iou")] == [1]

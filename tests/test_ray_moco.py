@@ -21,17 +21,16 @@ def test_two_workers_two_epochs_with_resume(ray_cluster, tiny_scenes, tmp_path, 
     from mlflow import MlflowClient
 
     from xray_match.driver.worker import run_training
-    from xray_match.train.checkpoint import load_checkpoint
 
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "ray.name=resume-me", "train.epochs=1", "moco.sampler=queue",
                "moco.queue_size=64")
     first = run_training(cfg, register=False)
     assert first["metrics"]["epoch"] == 1.0 and first["metrics"]["val/images"] == 60.0
-    state = load_checkpoint(first["checkpoint"])
+    state = first["checkpoint"].load()
     assert state["loop"]["step"] == 3 and int(state["loss"]["sampler.filled"]) == 64  # 3 global batches of 32
     # the same run name again with 2 epochs: resumes from the stored checkpoint, trains epoch 2 only
     second = run_training(cfg.with_overrides(["train.epochs=2"]), register=False)
-    state = load_checkpoint(second["checkpoint"])
+    state = second["checkpoint"].load()
     assert second["metrics"]["epoch"] == 2.0 and state["loop"]["step"] == 6 and len(state["loop"]["history"]) == 2
     assert set(state) >= {"model", "optimizer", "scheduler", "loss", "rng", "loop", "config"}
     client = MlflowClient(mlflow_uri)
@@ -46,14 +45,13 @@ def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes,
     """FailureConfig: worker 1 dies hard (os._exit) after training epoch 2, before reporting it; Ray
     Train restarts the worker group, which continues from the epoch-1 checkpoint, not from scratch."""
     from xray_match.driver.worker import FAULT_ENV, run_training
-    from xray_match.train.checkpoint import load_checkpoint
 
     marker = tmp_path / "worker-exited"
     monkeypatch.setenv(FAULT_ENV, f"1:epoch=2:{marker}")
     cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=2", "ray.max_failures=1", "tracking.enabled=false")
     out = run_training(cfg, register=False)
     assert marker.exists()  # the worker did die
-    state = load_checkpoint(out["checkpoint"])
+    state = out["checkpoint"].load()
     assert out["metrics"]["epoch"] == 2.0 and state["loop"]["resumes"] == 1
     assert state["loop"]["step"] == 6 and [h["epoch"] for h in state["loop"]["history"]] == [1.0, 2.0]
 
@@ -77,7 +75,7 @@ def test_tune_registers_the_champion_and_it_loads_back(ray_cluster, tiny_scenes,
     assert len(children) == 1 and all(c.data.metrics.get("val/rsum") is not None for c in children)
 
     model = xray_match.load_model("models:/xray-match-moco@champion", tracking_uri=mlflow_uri)
-    direct = load_inference(out["best_checkpoint"])
+    direct = load_inference(out["best_checkpoint"].url)
     texts = ["a red seven left of a blue two", "three digits"]
     assert torch.allclose(model.encode_texts(texts), direct.encode_texts(texts), atol=1e-6)
     from PIL import Image

@@ -494,7 +494,6 @@ def test_two_worker_ray_training_run(ray_cluster, tiny_scenes, tmp_path, mlflow_
     from mlflow import MlflowClient
 
     from xray_match.driver.worker import run_training
-    from xray_match.train.checkpoint import load_checkpoint
 
     cfg = tiny_cfg(tiny_scenes, "train.epochs=1", "data.steps_per_epoch=2", f"ray.storage_path={tmp_path / 'runs'}",
                    f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1", "ray.num_workers=2",
@@ -503,7 +502,7 @@ def test_two_worker_ray_training_run(ray_cluster, tiny_scenes, tmp_path, mlflow_
     m = out["metrics"]
     assert m["epoch"] == 1.0 and m["val/images"] == 60.0 and m["val/captions"] == 300.0
     assert 0 <= m["val/rsum"] <= 600 and math.isfinite(m["train/rank_loss"])
-    state = load_checkpoint(out["checkpoint"])
+    state = out["checkpoint"].load()
     assert state["loop"]["step"] == 2 and state["info"]["prepared"]["vocab"]["source"] == "train"
     client = MlflowClient(mlflow_uri)
     assert [x.step for x in client.get_metric_history(out["run_id"], "val/rsum")] == [1]

@@ -183,7 +183,7 @@ def test_a_train_job_with_data_and_storage_in_the_bucket_prints_and_tags_s3_urls
         "--model-name", "s3-moco", "--num-workers", "1", "--cpus-per-worker", "1", "--epochs", "1",
         "data.steps_per_epoch=3", "train.checkpoint_every_steps=2", "data.num_workers=0", "data.batch_size=8",
         "data.eval_batch_size=16", "moco.embed_dim=32", "moco.teacher_hidden=[64]", "moco.lstm_hidden=64"])
-    ckpt = out["checkpoint"]
+    ckpt = out["checkpoint"].url  # a StoredCheckpoint, named by its URL
     assert ckpt.startswith(f"{s3_url}/runs/s3run/checkpoint_"), ckpt
     printed = capsys.readouterr().out
     assert re.search(rf"checkpoint: {re.escape(ckpt)}$", printed, re.M), printed[-2000:]

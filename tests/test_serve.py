@@ -172,7 +172,7 @@ def test_follows_the_alias_to_a_new_version_without_dropping_requests(service, t
     try:
         wait_until(lambda: len(seen) >= 3, 300, what="first answers")
         ckpt = train_checkpoint(service["data"], str(tmp_path / "ckpt-v2"), steps=4, seed=1)
-        assert register(service["tracking_uri"], ckpt, service["name"], service["data"]) == 2  # champion -> 2
+        assert register(service["tracking_uri"], ckpt, service["name"]) == 2  # champion -> 2
         time.sleep(4 * POLL_S)  # several polls: version 2 has no index yet
         assert json.loads(http("GET", f"{url}/api/info")[1])["model"]["version"] == "1"
         n_before = len(seen)

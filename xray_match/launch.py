@@ -88,15 +88,13 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def argv_with_data(preset: str, argv: list[str], tune: bool, build_data: Callable[[Config], str]) -> tuple[list[str], Config]:
+def argv_with_data(preset: str, argv: list[str], tune: bool, build_data: Callable[[Config], str]) -> list[str]:
     """``argv`` with ``--data`` set to the folder ``build_data(cfg)`` returns (a data set the config
-    describes, built on first use) unless the caller passed ``--data``; and the merged config."""
+    describes, built on first use) unless the caller passed ``--data``."""
     args = build_parser(preset, preset, tune).parse_intermixed_args(argv)
-    cfg = config_from_args(args)
     if args.data or args.print_config:
-        return list(argv), cfg
-    root = build_data(cfg)
-    return ["--data", root, *argv], cfg.with_overrides({"data.path": root})
+        return list(argv)
+    return ["--data", build_data(config_from_args(args)), *argv]
 
 
 def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -127,14 +125,14 @@ def _print_summary(title: str, items: dict[str, Any]) -> None:
 def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Train one {preset} run on Ray", preset, tune=False, argv=argv)
     from xray_match.driver.worker import run_training
-    from xray_match.train.checkpoint import evaluate_checkpoint
 
     out = run_training(cfg)
-    if not args.no_test_eval and out.get("checkpoint"):
-        out["test"] = evaluate_checkpoint(out["checkpoint"], [cfg.data.test_split])
+    ctx = out["context"]
+    if not args.no_test_eval and out["checkpoint"]:
+        out["test"] = ctx.evaluate(out["checkpoint"])
     _print_summary("xray_match train", {
-        "checkpoint": out.get("checkpoint"), "tracking_uri": _uri(cfg), "mlflow_run": out.get("run_id"),
-        "registered_model": _model_ref(cfg, out.get("model_version")),
+        "checkpoint": out["checkpoint"], "tracking_uri": ctx.tracking.uri, "mlflow_run": out.get("run_id"),
+        "registered_model": ctx.model_ref(out.get("model_version")),
         "val": {k: round(v, 3) for k, v in out["metrics"].items() if k.startswith("val/")},
         "test": {k: round(v, 3) for k, v in out.get("test", {}).items()} or None,
     })
@@ -145,22 +143,16 @@ def train_main(preset: str, argv: list[str] | None = None) -> dict[str, Any]:
 def tune_main(preset: str, space: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     args, cfg = _parse(f"Tune {preset} with Ray Tune + Optuna", preset, tune=True, argv=argv)
     from xray_match.driver.tuner import run_tune
-    from xray_match.train.checkpoint import evaluate_checkpoint
 
     out = run_tune(cfg, args.space or space, resume=args.resume, fixed=command_line_keys(args))
-    ckpt = out.get("best_checkpoint")
-    if not args.no_test_eval and ckpt:
-        out["test"] = evaluate_checkpoint(ckpt, [cfg.data.test_split])
-        if cfg.tracking.enabled:
-            from xray_match.tracking.runs import log_metrics
-
-            for run in {out.get("best_run_id"), out.get("parent_run_id")} - {None}:
-                log_metrics(out["tracking_uri"], run, out["test"])
+    ctx = out["context"]
+    if not args.no_test_eval and out["best_checkpoint"]:
+        out["test"] = ctx.evaluate(out["best_checkpoint"], log_to=(out.get("best_run_id"), out["parent_run_id"]))
     _print_summary("xray_match tune", {
         "study": out["study"], "trials": out["trials"], "results": out["storage"],
-        "best_checkpoint": out.get("best_checkpoint"), "tracking_uri": out["tracking_uri"],
+        "best_checkpoint": out["best_checkpoint"], "tracking_uri": ctx.tracking.uri,
         "parent_run": out.get("parent_run_id"), "best_run": out.get("best_run_id"),
-        "registered_model": _model_ref(cfg, out.get("model_version"), out.get("model_name")),
+        "registered_model": ctx.model_ref(out.get("model_version")),
         "fixed": out.get("fixed") or None, "best_config": out.get("best_config"),
         "best_val": {k: round(v, 3) for k, v in out.get("best_metrics", {}).items() if k.startswith("val/")},
         "test": {k: round(v, 3) for k, v in out.get("test", {}).items()} or None,
@@ -168,18 +160,3 @@ def tune_main(preset: str, space: str | None = None, argv: list[str] | None = No
     if out.get("table"):
         print(out["table"], flush=True)
     return out
-
-
-def _uri(cfg: Config) -> str:
-    from xray_match.tracking.store import resolve_tracking_uri
-
-    return resolve_tracking_uri(cfg)
-
-
-def _model_ref(cfg: Config, version: Any, name: str | None = None) -> str | None:
-    if version is None:
-        return None
-    from xray_match.tracking.store import registered_model_name
-
-    name = name or registered_model_name(cfg)
-    return f"models:/{name}/{version} (alias: models:/{name}@champion)"

@@ -2,7 +2,8 @@
 
 Ray Train and Tune write each run under the storage root and report its checkpoint folders by
 Ray's own paths; :class:`Storage` turns them into :class:`StoredCheckpoint` URLs, which is what the
-library hands out (printed, logged, tagged, evaluated). The file inside a checkpoint folder is
+library hands out (printed, logged, tagged, evaluated). A run or a study holds its storage in its
+:class:`~xray_match.driver.context.RunContext`. The file inside a checkpoint folder is
 :mod:`xray_match.train.checkpoint`.
 """
 
@@ -80,5 +81,5 @@ STORAGE_KEY = "ray.storage_path"
 
 
 def run_storage(cfg: Config) -> Storage:
-    """The one reading of ``ray.storage_path`` (the worker, the tuner, the jobs and the studies use it)."""
+    """The one reading of ``ray.storage_path`` (a run's or a study's context, and the jobs' preflight)."""
     return Storage(cfg.ray.storage_path)

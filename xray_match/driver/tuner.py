@@ -19,6 +19,8 @@ import time
 from typing import Any, Iterable
 
 from xray_match.config import Config, ConfigError
+from xray_match.driver.context import RunContext
+from xray_match.driver.storage import Storage
 from xray_match.registry import RECIPES, SPACES
 from xray_match.train.recipe import DataInfo
 
@@ -115,8 +117,8 @@ def epoch_report_callback() -> Any:
     return EpochReportCallback()
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], tracking: dict[str, Any] | None,
-           study: str) -> None:
+def _trial(config: dict[str, Any], base: Config, info: dict[str, Any], storage: Storage,
+           tracking: dict[str, Any] | None, study: str) -> None:
     """One Tune trial: merge the sampled values, start a child MLflow run, fit a TorchTrainer."""
     import ray.tune
 
@@ -124,15 +126,14 @@ def _trial(config: dict[str, Any], base: dict[str, Any], info: dict[str, Any], t
     from xray_match.tracking.runs import end_run, start_trial_run
 
     trial_id = ray.tune.get_context().get_trial_id()
-    values = decode_keys(config)
-    cfg = Config.from_dict(base).with_overrides(values | {"ray.name": f"{study}-{trial_id}"})
+    cfg = base.with_overrides(decode_keys(config) | {"ray.name": f"{study}-{trial_id}"})
     mlflow_spec = None
     if tracking:
         mlflow_spec = start_trial_run(tracking, f"trial-{trial_id}",
                                       {"ray_trial_id": trial_id, "study": study, "model": cfg.model.name})
     status = "FAILED"
     try:
-        build_trainer(cfg, DataInfo(**info), mlflow=mlflow_spec, callbacks=[epoch_report_callback()]).fit()
+        build_trainer(cfg, DataInfo(**info), storage, mlflow=mlflow_spec, callbacks=[epoch_report_callback()]).fit()
         status = "FINISHED"
     finally:
         end_run(mlflow_spec, status)
@@ -170,7 +171,8 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
              resume: bool = False, fixed: Iterable[str] = ()) -> dict[str, Any]:
     """Run a study, or continue an interrupted one (``resume``: the study ``ray.name``, else the
     newest of this model under the storage path); returns the best trial's metrics and config, and
-    the registered version. Keys in ``fixed`` (the command line's) leave the search space: every
+    the registered version; its checkpoint (a :class:`~xray_match.driver.storage.StoredCheckpoint`) and
+    the study's ``context``. Keys in ``fixed`` (the command line's) leave the search space: every
     trial runs with the config's value."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -178,10 +180,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     from ray.tune.search.optuna import OptunaSearch
 
     from xray_match.driver.prepare import prepare_info
-    from xray_match.driver.storage import run_storage
     from xray_match.driver.worker import ensure_ray, start_train_coordinator
-    from xray_match.tracking.runs import TrackingSession, log_texts
-    from xray_match.tracking.store import registered_model_name
 
     recipe = RECIPES.get(cfg.model.name)
     space_name = space or cfg.tune.space or cfg.model.name
@@ -193,7 +192,8 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
               + ", ".join(f"{k}={v}" for k, v in held_values.items()), flush=True)
     if cfg.tune.trial_epochs:
         cfg = cfg.with_overrides({"train.epochs": cfg.tune.trial_epochs})
-    storage = run_storage(cfg)
+    ctx = RunContext.from_config(cfg)
+    storage = ctx.storage
     if resume:
         study = cfg.ray.name or latest_study(storage.root, cfg.model.name) or ""
         if not study or not tune.Tuner.can_restore(storage.join(study)):
@@ -209,7 +209,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
     mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
 
-    session = TrackingSession(cfg)
+    session = ctx.tracking
     parent = session.find_run({"study": study, "space": space_name}) if resume else None  # the parent, not a trial
     if parent is None:
         parent = session.start_run(study, tags={"study": study, "space": space_name})
@@ -219,7 +219,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
 
     grid = is_grid(search_space)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=cfg.to_dict(), info=vars(info), tracking=session.study_spec(parent),
+        tune.with_parameters(_trial, base=cfg, info=vars(info), storage=storage, tracking=session.study_spec(parent),
                              study=study),
         {"CPU": TRIAL_CPU},
     )
@@ -254,7 +254,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     session.end_trial_runs(parent, {str(r.metrics["trial_id"]): "FAILED" if r.error else "FINISHED"
                                     for r in results if r.metrics and "trial_id" in r.metrics})
     out: dict[str, Any] = {"study": study, "parent_run_id": parent, "trials": len(results), "fixed": held_values,
-                           "storage": storage.join(study), "tracking_uri": session.uri}
+                           "storage": storage.join(study), "context": ctx}
     try:
         best = results.get_best_result(metric=metric, mode=mode)
     except RuntimeError as e:
@@ -269,22 +269,17 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
         keys = [k for k, v in search_space.items() if isinstance(v, dict) and "grid_search" in v]
         rows = [(decode_keys(r.config), r.metrics or {}) for r in results]
         out["table"] = grid_table(rows, keys, recipe.table_columns)
-        if session.enabled:
-            log_texts(session.uri, parent, {"grid.md": out["table"]}, artifact_path="tables")
-    best_values = decode_keys(best.config)
-    out |= {"best_config": best_values, "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))}}
-    # Tune reports the path inside the storage's file system (no scheme under s3://): keep the URL
-    ckpt = storage.checkpoint(best.metrics["checkpoint_path"]) if best.metrics.get("checkpoint_path") else None
-    out["best_checkpoint"] = ckpt.url if ckpt else None
+        session.log_texts(parent, {"grid.md": out["table"]}, artifact_path="tables")
+    out |= {"best_config": decode_keys(best.config),
+            "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))},
+            "best_checkpoint": ctx.checkpoint(best.metrics.get("checkpoint_path"))}
+    ckpt = out["best_checkpoint"]
     if session.enabled:
         session.log_metrics(parent, {f"best/{k}": v for k, v in out["best_metrics"].items() if k.startswith("val/")})
         out["best_run_id"] = session.find_child_run(parent, {"ray_trial_id": str(best.metrics.get("trial_id", ""))}) \
             or parent
-        if cfg.tracking.register and ckpt is not None:
-            best_cfg = cfg.with_overrides(best_values)
-            out["model_name"] = registered_model_name(best_cfg)
-            out["model_version"] = session.register(
-                ckpt, out["best_run_id"], best.metrics, info, cfg=best_cfg,
-                extra_tags={"trial_id": str(best.metrics.get("trial_id", "")), "study": study})
+        if cfg.tracking.register and ckpt is not None:  # what the champion is, it reads from its checkpoint
+            out["model_version"] = ctx.register(ckpt, out["best_run_id"], best.metrics,
+                                                trial_id=str(best.metrics.get("trial_id", "")), study=study)
         session.end_run(parent)
     return out

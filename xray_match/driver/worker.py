@@ -1,5 +1,6 @@
 """Ray Train glue: the only module that trains with ``ray.train`` (prepare, report, checkpoint;
-reading a stored checkpoint folder is :mod:`xray_match.driver.storage`).
+reading a stored checkpoint folder is :mod:`xray_match.driver.storage`, the run's storage, MLflow
+session and registration are its :class:`~xray_match.driver.context.RunContext`).
 
 ``run_training(cfg)`` prepares the data on the driver, starts a TorchTrainer whose workers run
 the shared loop (:mod:`xray_match.train.loop`) with DDP through ``prepare_model``, reports every
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 
 from xray_match.config import Config
-from xray_match.driver.storage import run_storage
+from xray_match.driver.context import RunContext
+from xray_match.driver.storage import Storage
 from xray_match.registry import RECIPES
 from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, save_checkpoint
 from xray_match.train.recipe import DataInfo, worker_env, worker_env_vars
@@ -138,7 +140,10 @@ def _maybe_exit(fault: str | None, rank: int, unit: str, count: int) -> None:
         os._exit(1)  # a lost worker: no exception, no cleanup, as when a node dies
 
 
-def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = None, callbacks: list | None = None):
+def build_trainer(cfg: Config, info: DataInfo, storage: Storage, mlflow: dict[str, Any] | None = None,
+                  callbacks: list | None = None):
+    """A TorchTrainer of ``cfg`` writing under ``storage`` (the run's, or its study's), its rank-0
+    worker logging to the MLflow run of ``mlflow`` (a worker spec of :mod:`xray_match.tracking.runs`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -155,7 +160,7 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
             name=cfg.ray.name or None,
-            storage_path=run_storage(cfg).root,
+            storage_path=storage.root,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=None),
             callbacks=callbacks or [],
@@ -163,28 +168,27 @@ def build_trainer(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None = N
     )
 
 
-def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None) -> dict[str, Any]:
+def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None,
+                 context: RunContext | None = None) -> dict[str, Any]:
     """One training run on the current Ray cluster (started locally if none): returns the final
-    metrics, the checkpoint path, and the MLflow run id / registered model version."""
+    metrics, the checkpoint (a :class:`~xray_match.driver.storage.StoredCheckpoint`), the MLflow
+    run id, the registered model version, and the ``context`` it ran in (``context``: a study's,
+    default: made from ``cfg``)."""
     from xray_match.driver.prepare import prepare_info
-    from xray_match.tracking.runs import TrackingSession
 
     if info is None:
         info = prepare_info(cfg)
     ensure_ray()
     start_train_coordinator()
-    session = TrackingSession(cfg)
-    run_id = session.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
-    result = build_trainer(cfg, info, mlflow=session.worker_spec(run_id)).fit()
-    storage = run_storage(cfg)
-    # Ray's path of a checkpoint under an s3:// root has no scheme: the storage puts it back
-    ckpt = storage.checkpoint(result.checkpoint.path) if result.checkpoint else None
-    out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": ckpt.url if ckpt else None,
-                           "run_id": run_id, "storage": storage.root}
-    do_register = cfg.tracking.register if register is None else register
-    if do_register and ckpt is not None and cfg.tracking.enabled:
-        out["model_version"] = session.register(ckpt, run_id, out["metrics"], info)
-    session.end_run(run_id)
+    ctx = context or RunContext.from_config(cfg)
+    run_id = ctx.tracking.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
+    result = build_trainer(cfg, info, ctx.storage, mlflow=ctx.tracking.worker_spec(run_id)).fit()
+    ckpt = ctx.checkpoint(result.checkpoint)
+    out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": ckpt, "run_id": run_id,
+                           "storage": ctx.storage.root, "context": ctx}
+    if (cfg.tracking.register if register is None else register) and ckpt is not None:
+        out["model_version"] = ctx.register(ckpt, run_id, out["metrics"])
+    ctx.tracking.end_run(run_id)
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from xray_match.config import Config, ConfigError
+from xray_match.driver.storage import StoredCheckpoint
 from xray_match.metrics.localization import IOU_HIT
 from xray_match.models.dspe import DSPE
 from xray_match.recipes.dspe_phrase import DSPEPhraseRecipe, PhraseTransform, collate_phrase_eval, localize_batch
@@ -88,12 +89,12 @@ def mine_hard_negatives(model: DSPE, cfg: Config, info: DataInfo, out_path: str,
     return result
 
 
-def mine_from_checkpoint(checkpoint: str, out_path: str, max_images: int | None = None) -> dict[str, Any]:
+def mine_from_checkpoint(checkpoint: StoredCheckpoint, out_path: str, max_images: int | None = None) -> dict[str, Any]:
     """Rebuild a stage-1 ``dspe_phrase`` model from its checkpoint and mine its hard negatives."""
-    from xray_match.train.checkpoint import load_checkpoint, restore_model
+    from xray_match.train.checkpoint import restore_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    recipe, model = restore_model(load_checkpoint(checkpoint), device, overrides={"dspe.init_checkpoint": ""})
+    recipe, model = restore_model(checkpoint.load(), device, overrides={"dspe.init_checkpoint": ""})
     return mine_hard_negatives(model, recipe.cfg, recipe.info, out_path, max_images=max_images, device=device,
                                seed=recipe.cfg.train.seed)
 
@@ -105,42 +106,38 @@ def localize_two_stage(cfg: Config, *, stage2_epochs: int, stage2_lr_mult: float
     continue training from it on the augmented set with the ranking terms only (stage 2:
     lambda_2 = lambda_3 = 0). Each stage is a ``run_training`` run (Ray Train, MLflow); stage 2 is
     the one registered. Returns both runs and, with ``test_eval``, test accuracy before and after."""
-    from xray_match.driver.storage import run_storage
+    from xray_match.driver.context import RunContext
     from xray_match.driver.worker import run_training
-    from xray_match.tracking.runs import log_metrics
-    from xray_match.tracking.store import resolve_tracking_uri
-    from xray_match.train.checkpoint import evaluate_checkpoint
 
     if cfg.model.name != "dspe_phrase":
         raise ConfigError(f"model.name: two-stage localization needs 'dspe_phrase', got {cfg.model.name!r}")
     name = cfg.ray.name or f"dspe-phrase-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = run_storage(cfg)
+    ctx = RunContext.from_config(cfg)  # both stages': their storage, MLflow session and registered name
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     s1 = cfg.with_overrides({"ray.name": f"{name}-stage1", "dspe.hard_negatives": ""})
-    out["stage1"] = run_training(s1, register=False)
+    out["stage1"] = run_training(s1, register=False, context=ctx)
     out["stage1"]["wall_s"] = time.perf_counter() - t0
     ckpt1 = out["stage1"]["checkpoint"]
     if not ckpt1:
         raise RuntimeError("stage 1 produced no checkpoint")
     if test_eval:
-        out["test_before"] = evaluate_checkpoint(ckpt1, [s1.data.test_split])
+        out["test_before"] = ctx.evaluate(ckpt1)
         log(f"stage 1 test: {out['test_before']}")
     t1 = time.perf_counter()
-    hard_path = storage.join(f"{name}-hard-negatives.json")
+    hard_path = ctx.storage.join(f"{name}-hard-negatives.json")
     mined = mine_from_checkpoint(ckpt1, hard_path, max_images=cfg.dspe.mine_max_images)
     out["mining"] = mined["stats"] | {"path": hard_path, "wall_s": time.perf_counter() - t1}
     log(f"mined hard negatives: {out['mining']}")
     t2 = time.perf_counter()
-    s2 = cfg.with_overrides({"ray.name": f"{name}-stage2", "dspe.hard_negatives": hard_path, "dspe.init_checkpoint": ckpt1,
-                             "dspe.lambda_2": 0.0, "dspe.lambda_3": 0.0, "train.epochs": stage2_epochs,
-                             "optim.lr": cfg.optim.lr * stage2_lr_mult})
-    out["stage2"] = run_training(s2)
+    s2 = cfg.with_overrides({"ray.name": f"{name}-stage2", "dspe.hard_negatives": hard_path,
+                             "dspe.init_checkpoint": ckpt1.url, "dspe.lambda_2": 0.0, "dspe.lambda_3": 0.0,
+                             "train.epochs": stage2_epochs, "optim.lr": cfg.optim.lr * stage2_lr_mult})
+    out["stage2"] = run_training(s2, context=ctx)
     out["stage2"]["wall_s"] = time.perf_counter() - t2
     if test_eval and out["stage2"]["checkpoint"]:
-        out["test_after"] = evaluate_checkpoint(out["stage2"]["checkpoint"], [s2.data.test_split])
+        out["test_after"] = ctx.evaluate(out["stage2"]["checkpoint"])
         log(f"stage 2 test: {out['test_after']}")
-        if cfg.tracking.enabled:
-            before = {f"test/before_{k.split('/')[-1]}": v for k, v in out["test_before"].items()}
-            log_metrics(resolve_tracking_uri(cfg), out["stage2"].get("run_id"), before | out["test_after"])
+        before = {f"test/before_{k.split('/')[-1]}": v for k, v in out["test_before"].items()}
+        ctx.tracking.log_metrics(out["stage2"]["run_id"], before | out["test_after"])
     return out

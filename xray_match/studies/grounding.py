@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from xray_match.config import Config, xray_home
+
+if TYPE_CHECKING:
+    from xray_match.driver.context import RunContext
 
 GRID_SPLITS = ("test_2x2", "test_3x3")
 
@@ -42,15 +45,13 @@ def ensure_data(cfg: Config, root: str | None = None, progress: bool = True, wor
 # ----------------------------------------------------------------------------- scoring runs
 
 
-def study_trials(study_dir: str) -> list[dict[str, Any]]:
-    """Each trial of a Tune study folder: its sampled config (dotted keys), last metrics and
-    checkpoint path, read from the trials' ``result.json``."""
+def study_trials(ctx: RunContext, study_dir: str) -> list[dict[str, Any]]:
+    """Each trial of the Tune study folder ``study_dir`` under ``ctx``'s storage: its sampled config
+    (dotted keys), last metrics and checkpoint, read from the trials' ``result.json``."""
     from xray_match.data.io import filesystem
-    from xray_match.driver.storage import Storage
     from xray_match.driver.tuner import decode_keys
 
     fs, root = filesystem(study_dir)
-    study = Storage(study_dir)  # Tune wrote the checkpoint paths without the URL's scheme
     rows = []
     for path in sorted(fs.glob(f"{root.rstrip('/')}/*/result.json")):
         with fs.open(path, "r") as fh:
@@ -61,64 +62,58 @@ def study_trials(study_dir: str) -> list[dict[str, Any]]:
         rows.append({"trial_id": last.get("trial_id", ""),
                      "config": decode_keys(last.get("config", {})),
                      "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                     "checkpoint": study.checkpoint(last["checkpoint_path"]).url if last.get("checkpoint_path") else None})
+                     "checkpoint": ctx.checkpoint(last.get("checkpoint_path"))})
     return rows
 
 
-
-def report_run(cfg: Config, out: dict[str, Any]) -> str:
+def report_run(out: dict[str, Any]) -> str:
     """After ``train_main``: the run's checkpoint on the 2x2 / 3x3 grids (Table 2); the grids and
     the test metrics go to the run in MLflow with ``tables/table2.md``. Sets ``out["grids"]`` and
     returns the markdown."""
-    from xray_match.train.checkpoint import evaluate_checkpoint
-
-    out["grids"] = evaluate_checkpoint(out["checkpoint"], GRID_SPLITS)
+    ctx = out["context"]
+    out["grids"] = ctx.evaluate(out["checkpoint"], GRID_SPLITS)
     table = table2_markdown(out["grids"])
-    _log(cfg, out.get("run_id"), out.get("test", {}) | out["grids"], {"table2.md": table})
+    _log(ctx, out.get("run_id"), out.get("test", {}) | out["grids"], {"table2.md": table})
     return table
 
 
-def report_study(cfg: Config, out: dict[str, Any]) -> str:
+def report_study(out: dict[str, Any]) -> str:
     """After ``tune_main``: every trial's final checkpoint on the test split (Table 1), and the
     preset's configuration (its ``grounding.beta``, fine-tuned; else the best trial) on the 2x2 /
     3x3 grids (Table 2). Writes ``tables.md`` / ``tables.json`` into the study folder, logs both to
     the study's parent MLflow run, and returns the markdown."""
     from xray_match.data.format import join
     from xray_match.data.io import atomic_write_bytes
-    from xray_match.train.checkpoint import evaluate_checkpoint
 
-    rows = [r for r in study_trials(out["storage"]) if r["checkpoint"]]
+    ctx = out["context"]
+    cfg = ctx.cfg
+    rows = [r for r in study_trials(ctx, out["storage"]) if r["checkpoint"]]
     for r in rows:
-        r["metrics"] |= evaluate_checkpoint(r["checkpoint"], [cfg.data.test_split])
+        r["metrics"] |= ctx.evaluate(r["checkpoint"])
     pick = [r for r in rows if r["config"].get("grounding.init", cfg.grounding.init) == "pretrained"
             and float(r["config"].get("grounding.beta", cfg.grounding.beta)) == cfg.grounding.beta]
     chosen = pick[0] if pick else next((r for r in rows if r["checkpoint"] == out.get("best_checkpoint")), None)
     grids: dict[str, float] = {}
     if chosen is not None:
-        grids = evaluate_checkpoint(chosen["checkpoint"], GRID_SPLITS)
+        grids = ctx.evaluate(chosen["checkpoint"], GRID_SPLITS)
     text = ("## Table 1: Avg IoU on the test split\n\n" + table1_markdown(rows, f"{cfg.data.test_split}/avg_iou",
                                                                          cfg.grounding.table1_betas)
             + f"\n## Table 2: trial {chosen['trial_id'] if chosen else '-'} "
               f"({json.dumps(chosen['config']) if chosen else 'none'})\n\n" + table2_markdown(grids))
-    results = {"trials": [{k: r[k] for k in ("trial_id", "config", "metrics", "checkpoint")} for r in rows],
+    results = {"trials": [{k: r[k] for k in ("trial_id", "config", "metrics")} | {"checkpoint": r["checkpoint"].url}
+                          for r in rows],
                "table2_trial": chosen["trial_id"] if chosen else None, "grids": grids}
     for name, body in (("tables.md", text), ("tables.json", json.dumps(results, indent=1))):
         atomic_write_bytes(join(out["storage"], name), body.encode())
     flat = {f"table1/{r['config'].get('grounding.init')}/beta{r['config'].get('grounding.beta')}":
             r["metrics"].get(f"{cfg.data.test_split}/avg_iou", 0.0) for r in rows if "grounding.init" in r["config"]}
-    _log(cfg, out.get("parent_run_id"), flat | grids, {"tables.md": text})
+    _log(ctx, out.get("parent_run_id"), flat | grids, {"tables.md": text})
     return text
 
 
-def _log(cfg: Config, run_id: str | None, metrics: dict[str, float], tables: dict[str, str]) -> None:
-    if not cfg.tracking.enabled:
-        return
-    from xray_match.tracking.runs import log_metrics, log_texts
-    from xray_match.tracking.store import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(cfg)
-    log_metrics(uri, run_id, metrics)
-    log_texts(uri, run_id, tables, artifact_path="tables")
+def _log(ctx: RunContext, run_id: str | None, metrics: dict[str, float], tables: dict[str, str]) -> None:
+    ctx.tracking.log_metrics(run_id, metrics)
+    ctx.tracking.log_texts(run_id, tables, artifact_path="tables")
 
 
 # ----------------------------------------------------------------------------- the paper's tables

@@ -1,5 +1,5 @@
 """MLflow runs: a driver-side session (experiment, parent / child runs, params, metrics,
-registration), trial runs started inside Ray Tune trials, metrics and tables logged onto an
+registering a version), trial runs started inside Ray Tune trials, metrics and tables logged onto an
 existing run, and a rank-0 logger inside the Ray Train workers. Ray's MLflowLoggerCallback does
 not work with Train V2, so workers log directly, rank 0 only."""
 
@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from xray_match.config import Config
-from xray_match.tracking.store import client, local_artifact_root, registered_model_name, resolve_tracking_uri
+from xray_match.tracking.store import client, local_artifact_root, resolve_tracking_uri
 
 _BATCH = 100  # params per log_batch call (MLflow's limit)
 
@@ -147,6 +147,10 @@ class TrackingSession:
         if self.enabled:
             log_metrics(self.uri, run_id, metrics)
 
+    def log_texts(self, run_id: str | None, files: dict[str, str], artifact_path: str | None = None) -> None:
+        if self.enabled:
+            log_texts(self.uri, run_id, files, artifact_path)
+
     def find_child_run(self, parent_run_id: str, tags: dict[str, str]) -> str | None:
         """The first child run of ``parent_run_id`` carrying ``tags``."""
         return self.find_run(tags | {"mlflow.parentRunId": parent_run_id})
@@ -167,25 +171,13 @@ class TrackingSession:
         runs = self.client.search_runs([self.experiment_id], tags_filter(tags), order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def register(self, checkpoint: Any, run_id: str, metrics: dict[str, Any], info: Any, *,
-                 cfg: Config | None = None, extra_tags: dict[str, str] | None = None) -> int:
-        """Log ``checkpoint`` (a folder in a run's storage, anything with ``as_directory()``, or a
-        local folder) as a model of ``run_id``, register it as a new version of
-        :func:`~xray_match.tracking.store.registered_model_name` of ``cfg`` (default: the
-        session's) with alias ``champion`` and tags (``checkpoint``: where it came from, as a URL
-        under an object store); returns the version."""
-        from xray_match.registry import RECIPES
+    def register(self, folder: str, run_id: str, name: str, tags: dict[str, str]) -> int:
+        """Log the checkpoint ``folder`` (local) as a model of ``run_id``, register it as a new
+        version of ``name`` with alias ``champion`` and ``tags``; returns the version. What a version
+        is tagged with is :meth:`xray_match.driver.context.RunContext.register`'s to say."""
         from xray_match.tracking.registry import log_and_register
 
-        cfg = cfg or self.cfg
-        metric = RECIPES.get(cfg.model.name).metric
-        tags = {"metric": metric, "metric_value": str(metrics.get(metric, "")), "dataset": getattr(info, "dataset", ""),
-                "data_path": getattr(info, "root", ""), "run_id": run_id, "checkpoint": str(checkpoint)} | (extra_tags or {})
-        name = registered_model_name(cfg)
-        if hasattr(checkpoint, "as_directory"):
-            with checkpoint.as_directory() as d:
-                return log_and_register(self.uri, run_id, d, name, tags)
-        return log_and_register(self.uri, run_id, str(checkpoint), name, tags)
+        return log_and_register(self.uri, run_id, folder, name, tags)
 
 
 # ----------------------------------------------------------------------------- inside the workers
