@@ -268,7 +268,7 @@ def test_index_of_shards_in_the_bucket_built_into_the_bucket_and_served_from_it(
     build_digit_scenes(data, **TINY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt = train_checkpoint(data, str(tmp_path / "ckpt"), steps=2, seed=0)  # trained on the bucket's shards
-    register(uri, ckpt, "s3-serve", data)
+    register(uri, ckpt, "s3-serve")
     index_cli("models:/s3-serve@champion", data, out, uri)
     ref, index = preflight("models:/s3-serve@champion", None, uri)
     assert index == out and index_of(ref) == out  # the version's INDEX_TAG keeps the scheme
