@@ -1,5 +1,5 @@
 """CPU per training sample at 224 px: a COCO-sized JPEG as converted byte for byte, against the same
-photo converted with ``--max-side 256`` (``data.convert.common.load_image``, JPEG quality 90).
+photo converted with ``--max-side 256`` (``data.convert.images.load_image``, JPEG quality 90).
 
 The photos are the two 640 x 427 ones scikit-learn ships (``china.jpg``, ``flower.jpg``; COCO's are
 about 640 x 480). Each sample goes the reader's way in one thread, as in a DataLoader worker:
@@ -23,7 +23,7 @@ import sklearn.datasets
 import torch
 
 from xray_match.config import load_config
-from xray_match.data.convert.common import load_image
+from xray_match.data.convert.images import load_image
 from xray_match.data.reader import _seeded, decode_sample
 from xray_match.recipes.moco import MocoTransform
 

@@ -53,7 +53,7 @@ def untrained_checkpoint(out_dir: str, preset: str = "moco_cpu") -> str:
 
 
 def synthetic_index(out: str, n: int, dim: int, seed: int = 0) -> str:
-    from xray_match.serve.index import write_index
+    from xray_match.serve.index_build import write_index
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim), dtype=np.float32)
@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=None, help="ServeConfig.max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="ServeConfig.batch_wait_timeout_s")
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from xray_match.runtime_env import worker_env, worker_env_vars
+
+    worker_env()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
     from ray import serve
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         settings = {"port": port, "poll_s": 0, "min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
                     "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
-        ray.init(address="local", num_cpus=2, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": worker_env_vars()})
         try:
             t0 = time.perf_counter()
             run(*preflight(model, index, args.tracking_uri), {k: v for k, v in settings.items() if v is not None})

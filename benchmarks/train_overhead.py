@@ -18,6 +18,7 @@ import torch
 
 from xray_match.config import load_config
 from xray_match.data.digit_scenes import build_digit_scenes
+from xray_match.runtime_env import worker_env_vars
 from xray_match.train.recipe import DataInfo
 
 
@@ -82,7 +83,8 @@ def main() -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": worker_env_vars()})
     plain, in_ray, startup = [], [], []
     for _ in range(args.repeats):
         plain.append(timed_steps(config)["steps_per_s"])

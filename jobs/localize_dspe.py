@@ -10,7 +10,7 @@ xray-match-dspe_phrase@champion.
 
 import sys
 
-from xray_match.config import ConfigError
+from xray_match.configfile import ConfigError
 from xray_match.launch import build_parser, config_from_args
 
 

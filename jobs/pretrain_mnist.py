@@ -10,7 +10,8 @@
 import argparse
 import sys
 
-from xray_match.config import ConfigError, load_config
+from xray_match.config import load_config
+from xray_match.configfile import ConfigError
 
 
 def main(argv=None) -> dict:

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from xray_match.runtime_env import worker_env
+
+worker_env()
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # under `uv run pytest` Ray would start every worker through `uv run` with a fresh virtual
@@ -47,7 +48,7 @@ _RAY_STARTED_WITH: dict[str, str | None] = {}
 def _start_ray():
     import ray
 
-    from xray_match.train.recipe import worker_env_vars
+    from xray_match.runtime_env import worker_env_vars
 
     for attempt in range(3):  # on a loaded machine the raylet can give up waiting for its dashboard
         try:  # agent (a fixed 15 s, ray-project/ray#65983) and the node never comes up: start afresh

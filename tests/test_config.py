@@ -1,7 +1,9 @@
 import pytest
 import yaml
 
-from xray_match.config import PRESET_DIR, Config, ConfigError, load_config, preset_names, resolve_queue_size
+from xray_match.config import PRESET_DIR, Config, load_config, preset_names
+from xray_match.configfile import ConfigError
+from xray_match.recipes.moco import resolve_queue_size
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_loads(preset):

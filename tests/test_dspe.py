@@ -372,7 +372,7 @@ def test_phrase_recipe_and_mining_on_tiny_shards(tiny_scenes, tmp_path):
 
 
 def test_hard_negative_file_errors(tmp_path):
-    from xray_match.config import ConfigError
+    from xray_match.configfile import ConfigError
     from xray_match.recipes.dspe_phrase import load_hard_negatives
 
     p = tmp_path / "bad.json"
@@ -384,7 +384,7 @@ def test_hard_negative_file_errors(tmp_path):
 
 
 def test_missing_init_checkpoint_is_refused_before_training(tiny_scenes, tmp_path):
-    from xray_match.config import ConfigError
+    from xray_match.configfile import ConfigError
     from xray_match.recipes.dspe_phrase import DSPEPhraseRecipe
 
     cfg = load_config("dspe_phrase_cpu", {"data.path": tiny_scenes, "dspe.init_checkpoint": str(tmp_path / "nope")})

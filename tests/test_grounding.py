@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from xray_match.config import ConfigError, load_config
+from xray_match.config import load_config
+from xray_match.configfile import ConfigError
 from xray_match.losses.grounding import GroundingLoss, attention_l2, pair_loss
 from xray_match.metrics.grounding import (QueryRecord, average_precision, box_iou, boxes_from_map, class_aps,
                                           detection_map, greedy_hits, match_ious, save_attention_overlays, score_query,

@@ -73,7 +73,8 @@ def test_exact_search_equals_brute_force(served_model):
 
 def _random_index(tmp_path, kind: str, n: int = 4000, d: int = 32, **kw):
     from xray_match.serve.config import IndexConfig
-    from xray_match.serve.index import SearchIndex, write_index
+    from xray_match.serve.index import SearchIndex
+    from xray_match.serve.index_build import write_index
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, d)).astype(np.float32)
@@ -97,7 +98,9 @@ def test_approximate_indexes_find_the_exact_neighbours(tmp_path, kind, params):
 
 
 def test_index_folder_is_replaced_atomically_and_foreign_folders_are_refused(tmp_path):
-    from xray_match.serve.index import IndexFormatError, SearchIndex, write_index
+    from xray_match.serve.index import SearchIndex
+    from xray_match.serve.index_build import write_index
+    from xray_match.serve.index_store import IndexFormatError
 
     x, first = _random_index(tmp_path, "flat", n=50)
     path = first.path
@@ -120,7 +123,8 @@ def test_index_folder_is_replaced_atomically_and_foreign_folders_are_refused(tmp
 
 
 def test_reader_errors_name_the_file(tmp_path):
-    from xray_match.serve.index import META, IndexFormatError, SearchIndex
+    from xray_match.serve.index import SearchIndex
+    from xray_match.serve.index_store import META, IndexFormatError
 
     with pytest.raises(IndexFormatError, match=r"no index.json .*xray-match index"):
         SearchIndex.load(str(tmp_path))
@@ -167,7 +171,9 @@ def test_an_index_on_an_object_store_is_uploaded_whole_and_fetched(tmp_path):
     import fsspec
 
     from xray_match.serve.config import IndexConfig
-    from xray_match.serve.index import CURRENT, META, SearchIndex, fetch, write_index
+    from xray_match.serve.index import SearchIndex
+    from xray_match.serve.index_build import write_index
+    from xray_match.serve.index_store import CURRENT, META, fetch
 
     x, local = _random_index(tmp_path, "flat", n=30)
     url = "memory://indexes/flat-30"

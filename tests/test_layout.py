@@ -19,8 +19,8 @@ PKG = ROOT / "xray_match"
 #: from its own layer and the layers below only; "__init__" is the package's own ``__init__.py``
 #: (``xray_match.load_model``, the public entry to the model registry).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("building blocks", ("config", "registry", "distributed", "data", "text", "models", "losses", "samplers",
-                         "metrics")),
+    ("building blocks", ("config", "configfile", "registry", "distributed", "runtime_env", "data", "text", "models",
+                         "losses", "samplers", "metrics")),
     ("plain PyTorch training", ("train",)),
     ("recipes", ("recipes",)),
     ("tracking", ("tracking",)),

@@ -226,7 +226,8 @@ def test_preset_model_learns_on_tiny_shards(tiny_scenes, head):
 
 
 def test_width_reduced_vision_backbone_and_its_config_check():
-    from xray_match.config import ConfigError, load_config
+    from xray_match.config import load_config
+    from xray_match.configfile import ConfigError
     from xray_match.models.encoders.image import build_resnet
 
     net, dim = build_resnet("resnet10", width=8)
@@ -276,7 +277,8 @@ def test_two_rank_batch_negatives_give_the_global_batch_gradient(tmp_path):
 
 
 def test_paper_tables_are_registered_grids_of_global_batches():
-    from xray_match.config import ConfigError, load_config
+    from xray_match.config import load_config
+    from xray_match.configfile import ConfigError
     from xray_match.driver.tuner import check_space, grid_table, is_grid
     from xray_match.registry import SPACES
 

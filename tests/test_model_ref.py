@@ -182,7 +182,7 @@ def test_loading_a_pinned_alias_loads_that_version_after_the_alias_moved(registr
 
 def _index_for(tmp_path, name: str, model: dict) -> str:
     from xray_match.serve.config import IndexConfig
-    from xray_match.serve.index import write_index
+    from xray_match.serve.index_build import write_index
 
     x = np.eye(4, dtype=np.float32)
     images = {"key": ["a", "b", "c", "d"], "split": ["test"] * 4, "shard": [""] * 4, "offset": [0] * 4,
@@ -193,7 +193,8 @@ def _index_for(tmp_path, name: str, model: dict) -> str:
 
 def test_preflight_pins_once_and_checks_the_index_against_that_version(registry, tmp_path):
     from xray_match.serve.app import preflight
-    from xray_match.serve.index import IndexFormatError, check_built_for, read_meta
+    from xray_match.serve.index import check_built_for
+    from xray_match.serve.index_store import IndexFormatError, read_meta
     from xray_match.serve.model import tag_index
     from xray_match.tracking.models import ModelRef
 

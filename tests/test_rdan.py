@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from xray_match.config import ConfigError, RDANConfig, load_config
+from xray_match.config import RDANConfig, load_config
+from xray_match.configfile import ConfigError
 from xray_match.losses.ranking import HingeRankingLoss, hinge_all_negatives, hinge_hardest_negatives
 from xray_match.models.rdan import RDAN, RegionEncoder, RelationCNN, WordEncoder, build_rdan, cosine_all_pairs
 from xray_match.text.vocab import PAD_ID, UNK_ID, Vocab, build_vocab, tokenize

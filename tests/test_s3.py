@@ -213,7 +213,9 @@ def test_an_index_in_the_bucket_is_published_by_a_pointer_and_never_seen_half(s3
     """Each write is a new version under the prefix, published by ``current.json`` written last:
     a reader sees the old index or the new one. A writer killed before its pointer leaves a
     version no reader opens, and the next write removes it."""
-    from xray_match.serve.index import CURRENT, IndexFormatError, SearchIndex, read_meta, write_index
+    from xray_match.serve.index import SearchIndex
+    from xray_match.serve.index_build import write_index
+    from xray_match.serve.index_store import CURRENT, IndexFormatError, read_meta
 
     monkeypatch.setenv("XRAY_MATCH_HOME", str(tmp_path))  # readers' local copies go there
     url = f"{s3_url}/index"

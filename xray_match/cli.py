@@ -97,7 +97,8 @@ def _search(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     import yaml
 
-    from xray_match.config import ConfigError, load_config, preset_names
+    from xray_match.config import load_config, preset_names
+    from xray_match.configfile import ConfigError
 
     if args.list:
         print("\n".join(preset_names()))

@@ -52,7 +52,7 @@ def _pixels() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from xray_match.data.convert.common import ConvertOptions
+    from xray_match.data.convert.plan import ConvertOptions
 
     return ConvertOptions(
         maxcount=args.maxcount, workers=args.workers, use_ray=args.ray, ray_address=args.ray_address,
@@ -65,7 +65,7 @@ def _options(args: argparse.Namespace) -> Any:
 
 def _run(convert: Callable[[argparse.Namespace, Any], Any]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from xray_match.data.convert.common import ConversionError
+        from xray_match.data.convert.plan import ConversionError
         from xray_match.data.format import ShardFormatError
 
         try:

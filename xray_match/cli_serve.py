@@ -38,10 +38,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from xray_match.config import ConfigError
+    from xray_match.configfile import ConfigError
     from xray_match.data.format import ShardFormatError
     from xray_match.serve.config import build_settings
-    from xray_match.serve.index import IndexFormatError, build_index
+    from xray_match.serve.index_build import build_index
+    from xray_match.serve.index_store import IndexFormatError
 
     try:
         cfg = build_settings(IndexConfig, _settings(args), "index.")
@@ -58,8 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from xray_match.config import ConfigError
-    from xray_match.serve.index import IndexFormatError
+    from xray_match.configfile import ConfigError
+    from xray_match.serve.index_store import IndexFormatError
 
     try:
         from xray_match.serve.app import preflight

@@ -1,42 +1,29 @@
-"""Typed configuration: dataclasses per concern, YAML presets, dotted overrides, validation.
+"""The configuration schema: one dataclass per concern, their defaults, ranges and cross-field checks.
 
 A preset YAML holds only what differs from the defaults below (one place for each fact).
 ``load_config("moco_cpu", ["optim.lr=3e-4"])`` merges defaults <- preset <- overrides and
 validates the result before any compute starts: an unknown key, a value of the wrong type
-or one out of range raises :class:`ConfigError` naming the dotted key.
+or one out of range raises :class:`~xray_match.configfile.ConfigError` naming the dotted key.
+The typed building, YAML merging and dotted overrides are :mod:`xray_match.configfile`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-import yaml
+from xray_match.configfile import F, ConfigError, apply_overrides, build, check_ranges, merge, read_yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, mistyped or out of range (the message names the key)."""
-
-
-def F(default: Any = dataclasses.MISSING, *, ge=None, gt=None, le=None, lt=None, help: str = "", **kw):
-    """A dataclass field with range metadata checked by :func:`validate`."""
-    meta = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt, help=help).items() if v is not None}
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
 
 
 def xray_home() -> Path:
     """Where default data, runs and the default MLflow store live (``$XRAY_MATCH_HOME``)."""
     return Path(os.environ.get("XRAY_MATCH_HOME", Path.home() / ".cache" / "xray_match")).expanduser()
+
 
 
 # ----------------------------------------------------------------------------- sections
@@ -322,7 +309,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        cfg = _build(cls, d, prefix="")
+        cfg = build(cls, d)
         validate(cfg)
         return cfg
 
@@ -347,13 +334,11 @@ class Config:
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "Config":
         d = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
-        for key, value in items:
-            _set_dotted(d, key, value)
+        apply_overrides(d, overrides)
         return Config.from_dict(d)
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- loading and checks
 
 
 def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -364,13 +349,8 @@ def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | 
         if not path.suffix:
             path = PRESET_DIR / f"{preset}.yaml"
         if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-            raise ConfigError(f"preset {str(preset)!r} not found (known presets: {known})")
-        with open(path) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        _merge(d, loaded, prefix="", source=str(path))
+            raise ConfigError(f"preset {str(preset)!r} not found (known presets: {', '.join(preset_names())})")
+        merge(d, read_yaml(path), source=str(path))
     cfg = Config.from_dict(d)
     return cfg.with_overrides(overrides) if overrides else cfg
 
@@ -379,126 +359,10 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _split_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-4)")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
-
-
-def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = d
-    for i, p in enumerate(parts[:-1]):
-        if p not in node or not isinstance(node[p], dict):
-            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])!r} (in override {key!r})")
-        node = node[p]
-    if parts[-1] not in node:
-        raise ConfigError(f"unknown key {key!r}")
-    node[parts[-1]] = value
-
-
-def _merge(base: dict[str, Any], new: dict[str, Any], prefix: str, source: str) -> None:
-    for k, v in new.items():
-        key = f"{prefix}{k}"
-        if k not in base:
-            raise ConfigError(f"unknown key {key!r} in {source}")
-        if isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, f"{key}.", source)
-        else:
-            base[k] = v
-
-
-def _build(cls: type, d: Any, prefix: str) -> Any:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in d:
-        if k not in names:
-            raise ConfigError(f"unknown key {prefix + k!r}")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in d:
-            kwargs[f.name] = _coerce(hints[f.name], d[f.name], prefix + f.name)
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(get_args(tp)):
-            return None
-        return _coerce(args[0], value, key)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (inner,) = get_args(tp)[:1] or (Any,)
-        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got bool {value!r}")
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got str {value!r}") from None
-        if not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    return value
-
-
-def validate(cfg: Any, prefix: str = "") -> None:
+def validate(cfg: Config) -> None:
     """Range checks from field metadata, then cross-field checks."""
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        key = prefix + f.name
-        if dataclasses.is_dataclass(v):
-            validate(v, key + ".")
-            continue
-        m = f.metadata
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if "ge" in m and not v >= m["ge"]:
-                raise ConfigError(f"{key}: {v} is out of range (must be >= {m['ge']})")
-            if "gt" in m and not v > m["gt"]:
-                raise ConfigError(f"{key}: {v} is out of range (must be > {m['gt']})")
-            if "le" in m and not v <= m["le"]:
-                raise ConfigError(f"{key}: {v} is out of range (must be <= {m['le']})")
-            if "lt" in m and not v < m["lt"]:
-                raise ConfigError(f"{key}: {v} is out of range (must be < {m['lt']})")
-    if not prefix and isinstance(cfg, Config):
-        _cross_checks(cfg)
+    check_ranges(cfg)
+    _cross_checks(cfg)
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -527,13 +391,3 @@ def _cross_checks(cfg: Config) -> None:
     betas = cfg.grounding.table1_betas
     if not betas or any(b < 0 for b in betas) or len(set(betas)) != len(betas):
         raise ConfigError(f"grounding.table1_betas: {betas} must be a non-empty list of distinct β >= 0")
-
-
-def resolve_queue_size(cfg: Config, train_count: int) -> int:
-    """K for the queue sampler: absolute, or a fraction of the train split (the paper's
-    0.3/0.5/0.7/1.0) rounded down to a multiple of the global batch, at least one global batch.
-    An absolute K that is not a multiple of the global batch is a config error (validated)."""
-    global_batch = cfg.data.batch_size * cfg.ray.num_workers
-    if cfg.moco.queue_fraction > 0:
-        return max(global_batch, int(cfg.moco.queue_fraction * train_count) // global_batch * global_batch)
-    return cfg.moco.queue_size

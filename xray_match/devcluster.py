@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from xray_match.config import xray_home
+from xray_match.runtime_env import worker_env_vars
 
 STATE_FILE = "state.json"
 SECRETS_FILE = "secrets.json"
@@ -100,10 +101,8 @@ class State:
 
     def node_env(self) -> dict[str, str]:
         bindir = os.path.dirname(sys.executable)
-        env = dict(os.environ) | self.exports() | {
+        env = dict(os.environ) | self.exports() | worker_env_vars() | {
             "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "TOKENIZERS_PARALLELISM": "false",
         }
         # RAY_ADDRESS stays set: a process that calls ray.init() without an address (a job's
         # supervisor and driver, Ray Data or Serve inside a worker) would otherwise pick the newest

@@ -61,7 +61,7 @@ def build_parser(description: str, preset: str, tune: bool) -> argparse.Argument
 def command_line_keys(args: argparse.Namespace) -> list[str]:
     """The config keys given on the command line, as flags or dotted overrides (a tune job fixes
     them for every trial)."""
-    from xray_match.config import _split_override
+    from xray_match.configfile import split_override as _split_override
 
     keys = [FLAG_KEYS[k] for k, v in vars(args).items() if k in FLAG_KEYS and v is not None]
     return keys + [_split_override(o)[0] for o in args.overrides]

@@ -15,7 +15,8 @@ import threading
 import urllib.error
 import urllib.request
 
-from xray_match.config import Config, ConfigError
+from xray_match.config import Config
+from xray_match.configfile import ConfigError
 from xray_match.data.format import MANIFEST, ShardFormatError, join, read_manifest
 from xray_match.data.io import S3_SCHEMES, exists, filesystem, local_path, s3_endpoint, scheme
 

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import tarfile
 from typing import Any, Callable, Iterable, Iterator
 
@@ -53,17 +54,41 @@ def shard_urls(root: str, split: str, manifest: Manifest | None = None) -> list[
     return [join(root, s.name) for s in manifest.shards(split)]
 
 
-def iter_raw(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard (local or fsspec URL)."""
+def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
+    """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard (local or fsspec URL):
+    consecutive files grouped by key as WebDataset groups them (the key is the path up to the file
+    name's first dot, the extension after it, lower-cased). With ``positions`` a sample also has
+    ``"__positions__"``: ``{ext: (offset, size)}``, where each file's bytes lie in the tar (so one
+    ranged read fetches a file later, as the search service does for images)."""
     last = "(start of shard)"
     try:
-        with open_url(url, "rb") as fh:
-            files = tariterators.tar_file_expander([{"url": url, "stream": fh}])
-            for sample in tariterators.group_by_keys(files):
-                last = sample.get("__key__", last)
+        with open_url(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            sample: dict[str, Any] = {}
+            for member in tar:
+                key, ext = tariterators.base_plus_ext(member.name)
+                if member.isreg() and key is not None and not _TAR_META.match(member.name):
+                    ext = ext.lower()
+                    if sample and key != sample["__key__"]:
+                        last = sample["__key__"]
+                        yield sample
+                        sample = {}
+                    if not sample:
+                        sample = {"__key__": key, "__url__": url}
+                    if ext in sample:
+                        raise ShardFormatError(f"{sample_where(sample)}: two .{ext} files")
+                    sample[ext] = tar.extractfile(member).read()
+                    if positions:
+                        sample.setdefault("__positions__", {})[ext] = (int(member.offset_data), int(member.size))
+                tar.members = []  # a stream: the members read so far are not kept
+            if sample:
+                last = sample["__key__"]
                 yield sample
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ShardFormatError(f"{url}: unreadable tar after key {last!r} ({type(e).__name__}: {e})") from e
+
+
+#: tar members that are not sample files (WebDataset's ``__key__``-style metadata)
+_TAR_META = re.compile(r"__[^/]*__($|/)")
 
 
 ALL_PARTS = frozenset({"saliency", "regions", "region_boxes"})

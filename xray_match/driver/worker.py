@@ -25,8 +25,9 @@ from xray_match.config import Config
 from xray_match.driver.context import RunContext
 from xray_match.driver.storage import Storage
 from xray_match.registry import RECIPES
+from xray_match.runtime_env import worker_env, worker_env_vars
 from xray_match.train.checkpoint import CKPT_FILE, load_checkpoint, save_checkpoint
-from xray_match.train.recipe import DataInfo, worker_env, worker_env_vars
+from xray_match.train.recipe import DataInfo
 
 # Worker progress goes through logging, not print: Ray Train V2 patches print on its workers to tee
 # into the root logger as well as the (Ray-wrapped) stdout, so every printed line reached the

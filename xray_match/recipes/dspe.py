@@ -15,7 +15,6 @@ the batch holds exactly ``B`` images and ``B (1 + extra_positives)`` sentences.
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any, Callable, Iterable
 
@@ -23,16 +22,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray_match.config import Config, ConfigError
+from xray_match.config import Config
+from xray_match.configfile import ConfigError
 from xray_match.data.reader import iter_meta
 from xray_match.data.transforms import image_to_tensor, normalize
 from xray_match.losses.structure import StructurePreservingLoss
-from xray_match.metrics.retrieval import chunked_ranks, summarize
 from xray_match.models.dspe import DSPE
 from xray_match.registry import RECIPES, SPACES
 from xray_match.text.features import featurizer_from_state, fit_featurizer
 from xray_match.text.vocab import sentence_key
 from xray_match.train.recipe import EvalContext, Recipe, RetrievalInference, unwrap
+from xray_match.train.retrieval import embed_split, retrieval_metrics
 
 
 def positive_matrix(x_keys: list[set[str]], y_keys: list[str]) -> torch.Tensor:
@@ -238,34 +238,15 @@ class DSPERecipe(DSPEBase):
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_retrieval(items)
 
-    @torch.no_grad()
-    def embed_split(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext):
-        """``(image_emb (N, D), text_emb (M, D), caption_image (M,))`` over the whole split."""
-        net = unwrap(model)
-        imgs, txts, counts = [], [], []
-        for batch in batches:
-            with ctx.autocast():
-                imgs.append(net.encode_image(batch["image"].to(ctx.device)).float())
-                txts.append(net.encode_text(batch["text"].to(ctx.device)).float())
-            counts.append(torch.bincount(batch["caption_image"].cpu(), minlength=batch["image"].shape[0]))
-        dim = net.embed_dim
-        img = ctx.gather(torch.cat(imgs) if imgs else torch.zeros(0, dim, device=ctx.device))
-        txt = ctx.gather(torch.cat(txts) if txts else torch.zeros(0, dim, device=ctx.device))
-        cnt = ctx.gather((torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)).to(ctx.device))
-        return img.cpu(), txt.cpu(), torch.repeat_interleave(torch.arange(len(cnt)), cnt.cpu())
+    @staticmethod
+    def encode(net: DSPE, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """An evaluation batch's image and caption embeddings (:data:`xray_match.train.retrieval.Encode`)."""
+        return net.encode_image(batch["image"].to(device)), net.encode_text(batch["text"].to(device))
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext) -> dict[str, float]:
-        img, txt, caption_image = self.embed_split(model, batches, ctx)
+        img, txt, caption_image = embed_split(model, batches, ctx, self.encode, unwrap(model).embed_dim)
         # unit vectors: ranking by -Euclidean distance = ranking by dot product
-        r_i2t, r_t2i = chunked_ranks(lambda rows: img[rows] @ txt.T, img.shape[0], caption_image)
-        out = summarize(r_i2t, r_t2i)
-        out["images"], out["captions"] = float(img.shape[0]), float(txt.shape[0])
-        if ctx.is_main and ctx.out_dir:
-            from xray_match.metrics.plots import save_recall_curve
-
-            ctx.artifacts.append(save_recall_curve(r_i2t, r_t2i, os.path.join(ctx.out_dir, "recall_curve.png"),
-                                                   title=f"dspe ({self.cfg.dspe.text_features})"))
-        return out
+        return retrieval_metrics(img, txt, caption_image, ctx, title=f"dspe ({self.cfg.dspe.text_features})")
 
     def inference(self, model: nn.Module) -> "DSPEInference":
         return DSPEInference(unwrap(model), self.cfg, self.text_state())

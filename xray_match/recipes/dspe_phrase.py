@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray_match.config import Config, ConfigError
+from xray_match.config import Config
+from xray_match.configfile import ConfigError
 from xray_match.data.format import box_iou
 from xray_match.data.reader import iter_meta
 from xray_match.data.transforms import image_to_tensor, normalize, stable_id

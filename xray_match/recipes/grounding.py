@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xray_match.config import Config, ConfigError, xray_home
+from xray_match.config import Config, xray_home
+from xray_match.configfile import ConfigError
 from xray_match.data.format import ShardFormatError
 from xray_match.data.transforms import stable_id
 from xray_match.losses.grounding import GroundingLoss

@@ -3,18 +3,17 @@ regularisation (paper: intermodal-contrastive-gaze). Also the worked example of 
 
 from __future__ import annotations
 
-import os
 import random
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from xray_match.config import Config, ConfigError, resolve_queue_size
+from xray_match.config import Config
+from xray_match.configfile import ConfigError
 from xray_match.data.transforms import image_to_tensor, normalize, saliency_to_tensor, stable_id
 from xray_match.losses.contrastive import InfoNCELoss
-from xray_match.metrics.plots import save_recall_curve
-from xray_match.metrics.retrieval import chunked_ranks, mean_pairwise_cosine, summarize
+from xray_match.metrics.retrieval import mean_pairwise_cosine
 from xray_match.models.encoders.image import build_resnet
 from xray_match.models.encoders.text import TokenFeatures, build_text_head, load_tokenizer
 from xray_match.models.moco import IntermodalModel
@@ -22,6 +21,7 @@ from xray_match.registry import RECIPES, SPACES
 from xray_match.samplers.negatives import build_sampler
 from xray_match.text.vocab import sentence_key
 from xray_match.train.recipe import EvalContext, Recipe, RetrievalInference, unwrap
+from xray_match.train.retrieval import embed_split, retrieval_metrics
 
 
 def gaze(image: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
@@ -89,6 +89,16 @@ def collate_tokens(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def resolve_queue_size(cfg: Config, train_count: int) -> int:
+    """K for the queue sampler: absolute, or a fraction of the train split (the paper's
+    0.3/0.5/0.7/1.0) rounded down to a multiple of the global batch, at least one global batch.
+    An absolute K that is not a multiple of the global batch is a config error (validated)."""
+    global_batch = cfg.data.batch_size * cfg.ray.num_workers
+    if cfg.moco.queue_fraction > 0:
+        return max(global_batch, int(cfg.moco.queue_fraction * train_count) // global_batch * global_batch)
+    return cfg.moco.queue_size
+
+
 @RECIPES.register("moco")
 class MocoRecipe(Recipe):
     section = "moco"
@@ -123,28 +133,15 @@ class MocoRecipe(Recipe):
             unwrap(model).momentum_update(self.cfg.moco.momentum)
         loss_module.after_step(outputs, batch)
 
-    @torch.no_grad()
-    def embed_split(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext):
-        net = unwrap(model)
-        imgs, txts, counts = [], [], []
-        for batch in batches:
-            batch = {k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with ctx.autocast():
-                imgs.append(net.encode_image(batch["image"]).float())
-                txts.append(net.encode_text(batch["input_ids"], batch["attention_mask"]).float())
-            counts.append(torch.bincount(batch["caption_image"], minlength=batch["image"].shape[0]))
-        dim = self.cfg.moco.embed_dim
-        cat = lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, device=ctx.device)
-        img = ctx.gather(cat(imgs, dim))
-        txt = ctx.gather(cat(txts, dim))
-        cnt = ctx.gather(cat(counts).to(ctx.device) if counts else torch.zeros(0, dtype=torch.long, device=ctx.device))
-        caption_image = torch.repeat_interleave(torch.arange(len(cnt)), cnt.cpu())
-        return img.cpu(), txt.cpu(), caption_image
+    @staticmethod
+    def encode(net: IntermodalModel, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """An evaluation batch's image and caption embeddings (:data:`xray_match.train.retrieval.Encode`)."""
+        return (net.encode_image(batch["image"].to(device)),
+                net.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
 
     def evaluate(self, model, batches, ctx: EvalContext) -> dict[str, float]:
-        img, txt, caption_image = self.embed_split(model, batches, ctx)
-        r_i2t, r_t2i = chunked_ranks(lambda rows: img[rows] @ txt.T, img.shape[0], caption_image)
-        out = summarize(r_i2t, r_t2i)
+        img, txt, caption_image = embed_split(model, batches, ctx, self.encode, self.cfg.moco.embed_dim)
+        out = retrieval_metrics(img, txt, caption_image, ctx, title=f"moco ({self.cfg.moco.sampler})")
         # the paper's metrics over the split, in chunks of one global training batch (what a
         # training query is scored against) with the first caption of each image as its positive
         first = torch.searchsorted(caption_image, torch.arange(img.shape[0]))
@@ -160,10 +157,6 @@ class MocoRecipe(Recipe):
         out["avg_similarity"] = (img * txt[first]).sum(-1).mean().item()
         # embedding spread: a collapse (every embedding alike, cosine near 1) shows in MLflow
         out["image_spread"], out["text_spread"] = mean_pairwise_cosine(img), mean_pairwise_cosine(txt)
-        out["images"], out["captions"] = float(img.shape[0]), float(txt.shape[0])
-        if ctx.is_main and ctx.out_dir:
-            ctx.artifacts.append(save_recall_curve(r_i2t, r_t2i, os.path.join(ctx.out_dir, "recall_curve.png"),
-                                                   title=f"moco ({self.cfg.moco.sampler})"))
         return out
 
     def inference(self, model: nn.Module) -> "MocoInference":

@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from xray_match.config import Config, ConfigError
+from xray_match.config import Config
+from xray_match.configfile import ConfigError
 from xray_match.data.format import ShardFormatError
 from xray_match.data.transforms import image_to_tensor, normalize, stable_id
 from xray_match.losses.ranking import HingeRankingLoss

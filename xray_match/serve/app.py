@@ -34,6 +34,7 @@ resolves the reference string it is given.
 import asyncio
 import base64
 import binascii
+import io
 import logging
 import os
 import threading
@@ -46,7 +47,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from xray_match.serve.config import ServeConfig, build_settings
-from xray_match.serve.index import decode_image
 from xray_match.serve.model import index_of
 from xray_match.serve.search import Searcher
 from xray_match.tracking.models import ModelRef, resolve
@@ -58,6 +58,18 @@ api = FastAPI(title="xray-match search", docs_url=None, redoc_url=None, openapi_
 
 def _page() -> str:
     return resources.files("xray_match.serve").joinpath("static/index.html").read_text()
+
+
+def decode_image(data: bytes):
+    """Upload bytes -> PIL RGB image; a clear error for anything else."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"not a PNG/JPEG image ({e})") from None
+    return im.convert("RGB")
 
 
 def _k(value: Any, cfg: ServeConfig) -> int:
@@ -215,7 +227,7 @@ def deployment(model: ModelRef | str, index: str | None = None, tracking_uri: st
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
     autoscaling = {"min_replicas": cfg.min_replicas, "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
                    "initial_replicas": max(1, cfg.min_replicas), "target_ongoing_requests": cfg.target_ongoing_requests}
-    from xray_match.train.recipe import worker_env_vars
+    from xray_match.runtime_env import worker_env_vars
 
     env = worker_env_vars() | {"HF_HUB_OFFLINE": "1"}
     tracking_uri = (model.tracking_uri if isinstance(model, ModelRef) else None) or tracking_uri \
@@ -245,7 +257,8 @@ def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[
     """Resolve the model once, in the driver, and check what a replica would refuse (Serve retries
     failing replicas for minutes): the index exists, is readable and was built for that version.
     Returns the pinned reference and the index, which :func:`run` hands to the replicas."""
-    from xray_match.serve.index import check_built_for, read_meta
+    from xray_match.serve.index import check_built_for
+    from xray_match.serve.index_store import read_meta
 
     ref = resolve(model, tracking_uri)
     index = index or index_of(ref)

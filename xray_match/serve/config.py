@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from xray_match.config import F, ConfigError, validate
+from xray_match.configfile import F, ConfigError, check_ranges
 
 
 @dataclass
@@ -68,5 +68,5 @@ def build_settings(cls: type, values: dict[str, Any] | None, prefix: str) -> Any
         if typing.get_origin(hints[k]) is Literal and v not in typing.get_args(hints[k]):
             raise ConfigError(f"{prefix}{k}: {v!r} is not one of {list(typing.get_args(hints[k]))}")
     cfg = cls(**values)
-    validate(cfg, prefix)
+    check_ranges(cfg, prefix)
     return cfg

@@ -10,7 +10,8 @@ import threading
 from typing import Any
 from urllib.parse import quote
 
-from xray_match.serve.index import IndexFormatError, SearchIndex, check_built_for
+from xray_match.serve.index import SearchIndex, check_built_for
+from xray_match.serve.index_store import IndexFormatError
 from xray_match.serve.model import Embedder, embed_images, embed_texts, load_embedder
 from xray_match.tracking.models import ModelRef
 

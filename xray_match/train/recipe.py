@@ -20,7 +20,6 @@ A decoded ``Sample`` (see :func:`xray_match.data.reader.decode_sample`) is a dic
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -190,14 +189,3 @@ def move_to(batch: Any, device: torch.device) -> Any:
         return type(batch)(move_to(v, device) for v in batch)
     return batch
 
-
-def worker_env_vars() -> dict[str, str]:
-    """The environment of every process that trains or serves: the one home of the ``runtime_env``
-    of each ``ray.init`` (``driver.worker.ensure_ray``) and of the Serve replicas."""
-    return {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def worker_env() -> None:
-    """Set :func:`worker_env_vars` where the process does not have them."""
-    for key, value in worker_env_vars().items():
-        os.environ.setdefault(key, value)

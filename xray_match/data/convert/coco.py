@@ -26,26 +26,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from xray_match.data.convert.common import (
-    ConversionError,
-    ConvertOptions,
-    ImageSampleBuilder,
-    Problems,
-    SplitPlan,
-    exists,
-    field_of,
-    isdir,
-    karpathy_records,
-    list_names,
-    options_info,
-    read_json,
-    require_dir,
-    safe_key,
-    take_captions,
-    verify_records,
-    write_plans,
-)
+from xray_match.data.convert.captions import take_captions
+from xray_match.data.convert.images import ImageSampleBuilder, verify_records
+from xray_match.data.convert.inputs import field_of, read_json, require_dir
+from xray_match.data.convert.karpathy import karpathy_records
+from xray_match.data.convert.plan import ConversionError, ConvertOptions, Problems, SplitPlan, options_info, safe_key
+from xray_match.data.convert.write import write_plans
 from xray_match.data.format import Manifest, join
+from xray_match.data.io import exists, isdir, list_names
 
 
 def find_image_folder(coco_root: str, part: str, images: str | None = None) -> str:

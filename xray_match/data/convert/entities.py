@@ -33,25 +33,21 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from xray_match.data.convert.common import (
+from xray_match.data.convert.flickr30k import ONE_SPLIT, id_order, read_split_lists
+from xray_match.data.convert.images import ImageSampleBuilder, box_problem, image_size
+from xray_match.data.convert.inputs import read_bytes, read_lines, require_dir
+from xray_match.data.convert.plan import (
     ConversionError,
     ConvertOptions,
-    ImageSampleBuilder,
     Problems,
     SplitPlan,
-    box_problem,
-    image_size,
-    list_names,
     options_info,
     pool_map,
-    read_bytes,
-    read_lines,
-    require_dir,
     safe_key,
-    write_plans,
 )
-from xray_match.data.convert.flickr30k import ONE_SPLIT, id_order, read_split_lists
+from xray_match.data.convert.write import write_plans
 from xray_match.data.format import Manifest, join
+from xray_match.data.io import list_names
 
 DATASET = "flickr30k-entities"
 ENTITY_TYPES = ("people", "clothing", "bodyparts", "animals", "vehicles", "instruments", "scene", "other", "notvisual")

@@ -21,25 +21,14 @@ import os
 import posixpath
 from typing import Any, Iterable
 
-from xray_match.data.convert.common import (
-    ConversionError,
-    ConvertOptions,
-    ImageSampleBuilder,
-    Problems,
-    SplitPlan,
-    exists,
-    field_of,
-    karpathy_records,
-    list_names,
-    options_info,
-    read_lines,
-    require_dir,
-    safe_key,
-    take_captions,
-    verify_records,
-    write_plans,
-)
+from xray_match.data.convert.captions import take_captions
+from xray_match.data.convert.images import ImageSampleBuilder, verify_records
+from xray_match.data.convert.inputs import field_of, read_lines, require_dir
+from xray_match.data.convert.karpathy import karpathy_records
+from xray_match.data.convert.plan import ConversionError, ConvertOptions, Problems, SplitPlan, options_info, safe_key
+from xray_match.data.convert.write import write_plans
 from xray_match.data.format import Manifest, join
+from xray_match.data.io import exists, list_names
 
 SPLITS = ("train", "val", "test")
 #: ``split_scheme`` of a conversion without split lists: every image in one split ``all``

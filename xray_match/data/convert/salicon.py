@@ -38,28 +38,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from xray_match.data.convert.common import (
-    ConversionError,
-    ConvertOptions,
-    ImageBlob,
-    ImageSampleBuilder,
-    Problems,
-    SplitPlan,
-    exists,
-    field_of,
-    list_names,
-    options_info,
-    png_bytes,
-    read_bytes,
-    read_json,
-    require_dir,
-    safe_key,
-    take_captions,
-    verify_records,
-    write_plans,
-)
+from xray_match.data.convert.captions import take_captions
 from xray_match.data.convert.coco import find_image_folder
+from xray_match.data.convert.images import ImageBlob, ImageSampleBuilder, verify_records
+from xray_match.data.convert.inputs import field_of, read_bytes, read_json, require_dir
+from xray_match.data.convert.plan import ConversionError, ConvertOptions, Problems, SplitPlan, options_info, safe_key
+from xray_match.data.convert.write import write_plans
 from xray_match.data.format import Manifest, join
+from xray_match.data.io import exists, list_names, png_bytes
 
 DATASET = "salicon"
 MAP_NAME = re.compile(r"^COCO_(train|val)(\d{4})_(\d+)\.png$")

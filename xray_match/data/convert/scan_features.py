@@ -45,25 +45,13 @@ from typing import Any
 
 import numpy as np
 
-from xray_match.data.convert.common import (
-    PLACEHOLDER_PNG,
-    ConversionError,
-    ConvertOptions,
-    NpyRows,
-    Problems,
-    SplitPlan,
-    box_problem,
-    exists,
-    filesystem,
-    npy_bytes,
-    options_info,
-    read_bytes,
-    read_lines,
-    require_dir,
-    take_captions,
-    write_plans,
-)
+from xray_match.data.convert.captions import take_captions
+from xray_match.data.convert.images import PLACEHOLDER_PNG, box_problem, npy_bytes
+from xray_match.data.convert.inputs import NpyRows, read_bytes, read_lines, require_dir
+from xray_match.data.convert.plan import ConversionError, ConvertOptions, Problems, SplitPlan, options_info
+from xray_match.data.convert.write import write_plans
 from xray_match.data.format import Manifest, join
+from xray_match.data.io import exists, filesystem
 
 SOURCE_SPLITS = {"train": "train", "dev": "val", "test": "test", "testall": "testall"}
 
