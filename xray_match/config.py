@@ -199,6 +199,45 @@ class RDANConfig:
 
 
 @dataclass
+class SCANConfig:
+    """SCAN, stacked cross attention (Lee et al., ECCV 2018), the RDAN paper's main baseline (docs/rdan.md).
+
+    Inputs as RDAN's (the same grid CNN or precomputed regions, vocabulary and bi-GRU). Defaults are
+    SCAN's Flickr30K t-i AVG model: lambda_1 = 9 (its i-t models use 4), lambda_2 = 6 for LSE (its COCO
+    t-i LSE; 5 for Flickr i-t LSE), D = 1024, 300-d words, a 1-layer bi-GRU, margin 0.2 with the hardest
+    negatives (VSE++ max of hinges), features L2-normalised as in SCAN's released code.
+    """
+
+    # inputs (as rdan.*)
+    region_source: Literal["grid", "precomputed"] = F(
+        "grid", help="grid: cells of a CNN trained from pixels; precomputed: regions.npy (k x region_dim) in the shards")
+    backbone: Literal["resnet10", "resnet18", "resnet34"] = F("resnet10", help="grid CNN depth")
+    backbone_width: int = F(16, ge=4, help="grid CNN first-stage channels (64 = torchvision widths)")
+    grid: int = F(4, ge=1, le=32, help="regions = grid x grid cells of the last feature map")
+    region_dim: int = F(2048, ge=1, help="d_v of precomputed region features")
+    embed_dim: int = F(1024, ge=1, help="D, the joint space of regions and words")
+    word_dim: int = F(300, ge=1)
+    gru_layers: int = F(1, ge=1)
+    min_word_count: int = F(1, ge=1, help="training-caption count a word needs to enter the vocabulary")
+    feature_norm: bool = F(True, help="L2-normalise regions and words after the encoders (SCAN's code)")
+    # stacked cross attention
+    direction: Literal["t-i", "i-t"] = F("t-i", help="t-i: attend to regions per word; i-t: to words per region")
+    pooling: Literal["avg", "lse"] = F("avg", help="relevances pooled by their mean (AVG) or LogSumExp (LSE)")
+    lambda_1: float = F(9.0, gt=0, help="inverse softmax temperature of the attention (SCAN: 9 t-i, 4 i-t)")
+    lambda_2: float = F(6.0, gt=0, help="LogSumExp sharpness (pooling=lse only)")
+    # loss: the hinge triplet loss of losses/ranking.py
+    margin: float = F(0.2, ge=0, help="alpha")
+    hardest: bool = F(True, help="hardest negatives (VSE++ max of hinges); False = sum over all negatives")
+    loss_reduction: Literal["sum", "mean"] = F("sum", help="over the batch's positive pairs (SCAN: sum)")
+    hardest_warmup_steps: int = F(0, ge=0, help="first training steps on all negatives, then the hardest")
+    ignore_duplicates: bool = F(True, help="pairs of identical captions / same image are not negatives")
+    # evaluation (as rdan.*)
+    eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
+    eval_caption_block: int = F(256, ge=1, help="captions per scoring block")
+    eval_cell_budget: int = F(1 << 20, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
+
+
+@dataclass
 class MultiMnistConfig:
     """The multi-MNIST data set of grounding-mcb-attention §3 (xray_match.data.multi_mnist)."""
 
@@ -286,7 +325,7 @@ class DSPEConfig:
 
 #: the sections of one method each (a recipe declares the one it reads: ``Recipe.section``); every
 #: other section of :class:`Config` is common to all methods
-METHOD_SECTIONS = ("moco", "rdan", "grounding", "dspe")
+METHOD_SECTIONS = ("moco", "rdan", "scan", "grounding", "dspe")
 
 
 @dataclass
@@ -300,6 +339,7 @@ class Config:
     tune: TuneSection = field(default_factory=TuneSection)
     moco: MocoConfig = field(default_factory=MocoConfig)
     rdan: RDANConfig = field(default_factory=RDANConfig)
+    scan: SCANConfig = field(default_factory=SCANConfig)
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     dspe: DSPEConfig = field(default_factory=DSPEConfig)
 

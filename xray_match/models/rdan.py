@@ -26,7 +26,11 @@ Readings of the paper's typos and gaps (also in docs/rdan.md):
 
 All-pairs scoring is batched: one matmul gives S for a block of B_i images x B_c captions, the
 relation CNN runs over the (B_i * B_c) pairs as one conv batch, and Eq. (10) is evaluated without
-materialising the attended vectors a_i, b_j (see :meth:`RDAN.pair_scores`).
+materialising the attended vectors a_i, b_j (see :meth:`RDAN._similarity`).
+
+The SCAN baseline (:mod:`xray_match.models.scan`) shares the encoders (:func:`build_encoders`), the
+cosine matrix (:func:`cosine_all_pairs`), the attention-and-relevance steps (:func:`attend_words`,
+:func:`attend_regions`) and the all-pairs scoring (:class:`CrossAttention`).
 """
 
 from __future__ import annotations
@@ -177,34 +181,60 @@ def cosine_all_pairs(v: torch.Tensor, e: torch.Tensor, v_norm: torch.Tensor | No
     return s.permute(0, 2, 1, 3)  # (B_i, B_c, k, n)
 
 
-class RDAN(nn.Module):
-    """Image-text similarity F(I, T), Eq. (11), for every image against every caption of a batch.
+def attend_words(logits: torch.Tensor, s: torch.Tensor, e: torch.Tensor, e_norm: torch.Tensor,
+                 word_mask: torch.Tensor) -> torch.Tensor:
+    """Attention over a caption's words for each region, then each region's relevance to its attended
+    vector: RDAN Eq. (8) + (10) R_r (logits lambda S^2-hat), SCAN's image-text formulation (logits
+    lambda_1 s-bar). Shared by both models.
 
-    ``forward(batch)`` -> ``{"scores": (B_img, B_cap)}``; the inputs are ``batch["images"]`` (B, 3, H, W)
-    or ``batch["regions"]`` (B, k, d_v), and ``batch["tokens"]`` (B_cap, n), ``batch["lengths"]`` (B_cap,).
+    alpha_ij = exp(logit_ij) / sum_j' exp(logit_ij') over the real words j' (padded words get none),
+    a_i = sum_j alpha_ij e_j, R(v_i, a_i) = cos(v_i, a_i). ``logits`` and the cosines ``s`` (A, B, k, n),
+    the words ``e`` (1|A, B, n, D) with norms ``e_norm`` (1|A, B, n), ``word_mask`` (1|A, B, n) ->
+    (A, B, k). a_i is never materialised: with P_ij = v_i.e_j = s_ij |v_i| |e_j|, v_i.a_i / |v_i| =
+    sum_j alpha_ij s_ij |e_j| and |a_i|^2 = alpha_i^T G alpha_i with the words' Gram matrix G = E E^T.
+    """
+    alpha = torch.softmax(logits.masked_fill(~word_mask.unsqueeze(2), float("-inf")), dim=-1)  # (A, B, k, n)
+    gram = e @ e.transpose(-1, -2)  # (1|A, B, n, n)  G = E E^T
+    a_sq = (torch.einsum("abxn,abnm->abxm", alpha, gram) * alpha).sum(-1)  # (A, B, k) |a_i|^2
+    va = (alpha * s * e_norm.unsqueeze(2)).sum(-1)  # (A, B, k)  v_i.a_i / |v_i|
+    return va / a_sq.clamp_min(0).sqrt().clamp_min(_EPS)
+
+
+def attend_regions(logits: torch.Tensor, s: torch.Tensor, v: torch.Tensor, v_norm: torch.Tensor,
+                   word_mask: torch.Tensor) -> torch.Tensor:
+    """Attention over the regions for each word, then each word's relevance to its attended vector:
+    RDAN Eq. (9) + (10) R_w (logits lambda S^1-hat), SCAN's text-image formulation (logits lambda_1 s').
+
+    beta_ij = exp(logit_ij) / sum_i' exp(logit_i'j), b_j = sum_i beta_ij v_i, R(e_j, b_j) = cos(e_j, b_j).
+    ``logits``, ``s`` (A, B, k, n), regions ``v`` (A|1, B|1, k, D), ``v_norm`` (A|1, B|1, k),
+    ``word_mask`` (1|A, B, n) -> (A, B, n), zero at padded words. As in :func:`attend_words`, b_j is not
+    materialised: |b_j|^2 = beta_j^T H beta_j with H = V V^T.
+    """
+    beta = torch.softmax(logits, dim=2)  # (A, B, k, n) over regions
+    gram_v = v @ v.transpose(-1, -2)  # (A|1, B|1, k, k)  H = V V^T
+    b_sq = (torch.einsum("abxy,abyn->abxn", gram_v, beta) * beta).sum(2)  # (A, B, n) |b_j|^2
+    eb = (beta * s * v_norm.unsqueeze(-1)).sum(2)  # (A, B, n)  e_j.b_j / |e_j|
+    return eb / b_sq.clamp_min(0).sqrt().clamp_min(_EPS) * word_mask
+
+
+def word_mask_of(lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """(1, B) caption lengths -> (1, B, n) bool, True at real words."""
+    return torch.arange(n, device=lengths.device).view(1, 1, -1) < lengths.unsqueeze(-1)
+
+
+class CrossAttention(nn.Module):
+    """What every region-word cross-attention matcher shares (RDAN, SCAN): the two encoders, and
+    scoring an image-text similarity for all pairs of a block (:meth:`pair_scores`) or for given pairs
+    (:meth:`paired_scores`) from the cosine matrix S, Eq. (5). A subclass defines ``_similarity``.
+
+    ``forward(batch)`` -> ``{"scores": (B_img, B_cap), "embed_scores": (B_img, B_cap)}``; the inputs are
+    ``batch["images"]`` (B, 3, H, W) or ``batch["regions"]`` (B, k, d_v), and ``batch["tokens"]``
+    (B_cap, n), ``batch["lengths"]`` (B_cap,).
     """
 
-    def __init__(
-        self,
-        regions: RegionEncoder,
-        words: WordEncoder,
-        *,
-        relation_channels: int,
-        lambda_: float,
-        mu: float,
-        one_path: bool,
-        use_cnn: bool,
-        use_residual: bool,
-    ):
+    def __init__(self, regions: RegionEncoder, words: WordEncoder):
         super().__init__()
-        if not 0.0 <= mu <= 1.0:
-            raise ValueError(f"mu must lie in [0, 1], got {mu}")
-        if not use_cnn and not use_residual:
-            raise ValueError("use_cnn=False with use_residual=False leaves no matrix to attend on")
         self.regions, self.words = regions, words
-        self.relation = RelationCNN(relation_channels, 1 if one_path else 2) if use_cnn else None
-        self.lambda_, self.mu = float(lambda_), float(mu)
-        self.one_path, self.use_cnn, self.use_residual = one_path, use_cnn, use_residual
 
     # ---- encoders ------------------------------------------------------------------------
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,21 +264,10 @@ class RDAN(nn.Module):
         img, txt = self.pooled(v, e, lengths)
         return img @ txt.t()
 
-    # ---- Eq. (5-11) for all pairs ----------------------------------------------------------
-    def relation_maps(self, s: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (6-7): S (P, k, n) -> (S^1-hat, S^2-hat), each (P, k, n)."""
-        if self.relation is None:  # no-cnn: attend on the cosine matrix itself
-            return s, s
-        maps = self.relation(s, word_mask)  # (P, 1 or 2, k, n)
-        if self.use_residual:
-            maps = maps + s.unsqueeze(1)  # Eq. (7): S^t-hat = S^t (+) S
-        if self.one_path:
-            return maps[:, 0], maps[:, 0]
-        return maps[:, 0], maps[:, 1]
-
+    # ---- the similarity for all pairs of a block, or for given pairs ------------------------
     def pair_scores(self, v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """F(I, T), Eq. (11), for every image of ``v`` (B_i, k, D) against every caption of ``e``
-        (B_c, n, D) with ``lengths`` (B_c,) -> (B_i, B_c). S for the whole block is one matmul."""
+        """The similarity of every image of ``v`` (B_i, k, D) with every caption of ``e`` (B_c, n, D)
+        with ``lengths`` (B_c,) -> (B_i, B_c). S for the whole block is one matmul."""
         v_norm = v.norm(dim=-1).clamp_min(_EPS)  # (B_i, k)
         e_norm = e.norm(dim=-1).clamp_min(_EPS)  # (B_c, n)
         s = cosine_all_pairs(v, e, v_norm, e_norm)  # (B_i, B_c, k, n)
@@ -256,8 +275,8 @@ class RDAN(nn.Module):
         return self._similarity(s, v[:, None], e[None], v_norm[:, None], e_norm[None], lengths)
 
     def paired_scores(self, v: torch.Tensor, e: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """F(I, T) of P given pairs: image ``v[p]`` (P, k, D) with caption ``e[p]`` (P, n, D), ``lengths``
-        (P,) -> (P,), the diagonal of ``pair_scores(v, e, lengths)`` at 1/P of its cost.
+        """The similarity of P given pairs: image ``v[p]`` (P, k, D) with caption ``e[p]`` (P, n, D),
+        ``lengths`` (P,) -> (P,), the diagonal of ``pair_scores(v, e, lengths)`` at 1/P of its cost.
 
         A sparse set of pairs (a two-stage shortlist, :func:`xray_match.metrics.xattn.score_pairs`)
         is then scored in one batched call per block instead of one image's captions at a time.
@@ -272,39 +291,69 @@ class RDAN(nn.Module):
 
     def _similarity(self, s: torch.Tensor, v: torch.Tensor, e: torch.Tensor, v_norm: torch.Tensor,
                     e_norm: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Eq. (6-11) for an A x B grid of pairs given their cosines ``s`` (A, B, k, n) -> (A, B).
+        """The image-text similarity of an A x B grid of pairs given their cosines ``s`` (A, B, k, n)
+        -> (A, B). The per-image inputs ``v`` (A|1, B|1, k, D), ``v_norm`` (A|1, B|1, k) and the
+        per-caption ``e`` (1, B, n, D), ``e_norm`` (1, B, n), ``lengths`` (1, B) broadcast over the
+        grid: all pairs of a block (A = B_i images x B = B_c captions, images on the first axis) and
+        P given pairs (A = 1, B = P, both on the second axis) run the same code."""
+        raise NotImplementedError
 
-        The per-image inputs ``v`` (A|1, B|1, k, D), ``v_norm`` (A|1, B|1, k) and the per-caption
-        ``e`` (1, B, n, D), ``e_norm`` (1, B, n), ``lengths`` (1, B) broadcast over the grid: all pairs
-        of a block (A = B_i images x B = B_c captions, images on the first axis) and P given pairs
-        (A = 1, B = P, both on the second axis) run the same code.
 
-        Eq. (10) without the attended vectors: with the raw products P_ij = v_i.e_j = s_ij |v_i| |e_j|,
-        v_i.a_i = sum_j alpha_ij P_ij and |a_i|^2 = alpha_i^T G alpha_i with the words' Gram matrix
-        G = E E^T (n x n), so R_r(v_i, a_i) = sum_j alpha_ij s_ij |e_j| / |a_i|; likewise
-        R_w(e_j, b_j) = sum_i beta_ij s_ij |v_i| / |b_j| with |b_j|^2 = beta_j^T H beta_j, H = V V^T.
-        That costs k n^2 + n k^2 per pair instead of 2 k n D.
+class RDAN(CrossAttention):
+    """Image-text similarity F(I, T), Eq. (11), for every image against every caption of a batch
+    (encoders, all-pairs and given-pairs scoring from :class:`CrossAttention`)."""
+
+    def __init__(
+        self,
+        regions: RegionEncoder,
+        words: WordEncoder,
+        *,
+        relation_channels: int,
+        lambda_: float,
+        mu: float,
+        one_path: bool,
+        use_cnn: bool,
+        use_residual: bool,
+    ):
+        super().__init__(regions, words)
+        if not 0.0 <= mu <= 1.0:
+            raise ValueError(f"mu must lie in [0, 1], got {mu}")
+        if not use_cnn and not use_residual:
+            raise ValueError("use_cnn=False with use_residual=False leaves no matrix to attend on")
+        self.relation = RelationCNN(relation_channels, 1 if one_path else 2) if use_cnn else None
+        self.lambda_, self.mu = float(lambda_), float(mu)
+        self.one_path, self.use_cnn, self.use_residual = one_path, use_cnn, use_residual
+
+    # ---- Eq. (5-11) for all pairs ----------------------------------------------------------
+    def relation_maps(self, s: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6-7): S (P, k, n) -> (S^1-hat, S^2-hat), each (P, k, n)."""
+        if self.relation is None:  # no-cnn: attend on the cosine matrix itself
+            return s, s
+        maps = self.relation(s, word_mask)  # (P, 1 or 2, k, n)
+        if self.use_residual:
+            maps = maps + s.unsqueeze(1)  # Eq. (7): S^t-hat = S^t (+) S
+        if self.one_path:
+            return maps[:, 0], maps[:, 0]
+        return maps[:, 0], maps[:, 1]
+
+    def _similarity(self, s: torch.Tensor, v: torch.Tensor, e: torch.Tensor, v_norm: torch.Tensor,
+                    e_norm: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Eq. (6-11) for an A x B grid of pairs given their cosines ``s`` (A, B, k, n) -> (A, B)
+        (shapes as in :meth:`CrossAttention._similarity`). Eq. (8-10) are :func:`attend_words` and
+        :func:`attend_regions`, which evaluate Eq. (10) without materialising a_i, b_j: k n^2 + n k^2
+        per pair instead of 2 k n D.
         """
         a, b, k, n = s.shape
-        word_mask = torch.arange(n, device=e.device).view(1, 1, -1) < lengths.unsqueeze(-1)  # (1, B, n)
+        word_mask = word_mask_of(lengths, n)  # (1, B, n)
         pair_mask = word_mask.expand(a, b, n).reshape(a * b, n)  # (P, n), pair p = i * B + c
         s = s * word_mask.unsqueeze(2)
         s1, s2 = self.relation_maps(s.reshape(a * b, k, n), pair_mask)  # (P, k, n) each
         scores = s.new_zeros(a, b)
-        if self.mu < 1.0:  # region relevance pathway, Eq. (8), (10)
-            logits = (self.lambda_ * s2).view(a, b, k, n).masked_fill(~word_mask.unsqueeze(2), float("-inf"))
-            alpha = torch.softmax(logits, dim=-1)  # (A, B, k, n) Eq. (8), over words
-            gram = e @ e.transpose(-1, -2)  # (1, B, n, n)  G = E E^T
-            a_sq = (torch.einsum("abxn,abnm->abxm", alpha, gram) * alpha).sum(-1)  # (A, B, k) |a_i|^2
-            va = (alpha * s * e_norm.unsqueeze(2)).sum(-1)  # (A, B, k)  v_i.a_i / |v_i|
-            r_r = va / a_sq.clamp_min(0).sqrt().clamp_min(_EPS)  # Eq. (10), region relevance
+        if self.mu < 1.0:  # region relevance pathway: Eq. (8) over words, R_r of Eq. (10)
+            r_r = attend_words((self.lambda_ * s2).view(a, b, k, n), s, e, e_norm, word_mask)  # (A, B, k)
             scores = scores + (1.0 - self.mu) * r_r.mean(-1)  # Eq. (11), mean over the k regions
-        if self.mu > 0.0:  # word relevance pathway, Eq. (9), (10)
-            beta = torch.softmax(self.lambda_ * s1.view(a, b, k, n), dim=2)  # (A, B, k, n) over regions
-            gram_v = v @ v.transpose(-1, -2)  # (A|1, B|1, k, k)  H = V V^T
-            b_sq = (torch.einsum("abxy,abyn->abxn", gram_v, beta) * beta).sum(2)  # (A, B, n) |b_j|^2
-            eb = (beta * s * v_norm.unsqueeze(-1)).sum(2)  # (A, B, n)  e_j.b_j / |e_j|
-            r_w = eb / b_sq.clamp_min(0).sqrt().clamp_min(_EPS) * word_mask  # Eq. (10), word relevance
+        if self.mu > 0.0:  # word relevance pathway: Eq. (9) over regions, R_w of Eq. (10)
+            r_w = attend_regions((self.lambda_ * s1).view(a, b, k, n), s, v, v_norm, word_mask)  # (A, B, n)
             scores = scores + self.mu * r_w.sum(-1) / lengths.to(r_w.dtype)  # Eq. (11), over n words
         return scores  # (A, B)
 
@@ -320,6 +369,22 @@ class RDAN(nn.Module):
         if self.mu > 0.0:
             flops += 2 * n * k * k + 6 * k * n
         return flops
+
+
+def build_encoders(vocab_size: int, *, region_source: str, backbone: str, backbone_width: int, grid: int,
+                   region_dim: int, embed_dim: int, word_dim: int, gru_layers: int) -> tuple[RegionEncoder, WordEncoder]:
+    """Eq. (1) regions (grid cells of a CNN trained from pixels, or precomputed features) and Eq. (2-4)
+    words; shared by RDAN and SCAN, whose inputs are the same."""
+    if region_source == "grid":
+        if backbone not in RESNET_BLOCKS:
+            raise ValueError(f"backbone: {backbone!r} is not one of {sorted(RESNET_BLOCKS)}")
+        net = GridBackbone(RESNET_BLOCKS[backbone], width=backbone_width, grid=grid)
+        regions = RegionEncoder(net.out_dim, embed_dim, backbone=net)
+    elif region_source == "precomputed":
+        regions = RegionEncoder(region_dim, embed_dim)
+    else:
+        raise ValueError(f"region_source: {region_source!r} is not 'grid' or 'precomputed'")
+    return regions, WordEncoder(vocab_size, word_dim, embed_dim, gru_layers)
 
 
 def build_rdan(
@@ -341,15 +406,8 @@ def build_rdan(
     use_residual: bool,
 ) -> RDAN:
     """Numbers in, module out (the recipe reads the config; the defaults live in RDANConfig)."""
-    if region_source == "grid":
-        if backbone not in RESNET_BLOCKS:
-            raise ValueError(f"rdan.backbone: {backbone!r} is not one of {sorted(RESNET_BLOCKS)}")
-        net = GridBackbone(RESNET_BLOCKS[backbone], width=backbone_width, grid=grid)
-        regions = RegionEncoder(net.out_dim, embed_dim, backbone=net)
-    elif region_source == "precomputed":
-        regions = RegionEncoder(region_dim, embed_dim)
-    else:
-        raise ValueError(f"rdan.region_source: {region_source!r} is not 'grid' or 'precomputed'")
-    words = WordEncoder(vocab_size, word_dim, embed_dim, gru_layers)
+    regions, words = build_encoders(vocab_size, region_source=region_source, backbone=backbone,
+                                    backbone_width=backbone_width, grid=grid, region_dim=region_dim,
+                                    embed_dim=embed_dim, word_dim=word_dim, gru_layers=gru_layers)
     return RDAN(regions, words, relation_channels=relation_channels, lambda_=lambda_, mu=mu, one_path=one_path,
                 use_cnn=use_cnn, use_residual=use_residual)

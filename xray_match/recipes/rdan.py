@@ -58,24 +58,27 @@ class RDANTransform:
 
     Training items carry one random caption of the image; evaluation items carry all of them.
     Picklable (runs in DataLoader workers): holds the vocabulary's word list, not a closure.
+    ``section`` names the config section with ``region_source`` / ``region_dim`` (rdan, or scan,
+    which reads the same inputs).
     """
 
-    def __init__(self, cfg: Config, vocab: Vocab, train: bool):
+    def __init__(self, cfg: Config, vocab: Vocab, train: bool, section: str = "rdan"):
         self.train = train
         self.vocab = vocab
         self.size = cfg.data.image_size
         self.max_len = cfg.data.max_text_len
-        self.source = cfg.rdan.region_source
-        self.region_dim = cfg.rdan.region_dim
+        self.section = section
+        self.source = getattr(cfg, section).region_source
+        self.region_dim = getattr(cfg, section).region_dim
 
     def image(self, sample: dict[str, Any]) -> torch.Tensor:
         if self.source == "precomputed":
             r = sample.get("regions")
             where = f"{sample.get('url', '?')}: key {sample.get('key', '?')!r}"
             if r is None:
-                raise ShardFormatError(f"{where}: rdan.region_source=precomputed but the sample has no regions.npy")
+                raise ShardFormatError(f"{where}: {self.section}.region_source=precomputed but the sample has no regions.npy")
             if r.ndim != 2 or r.shape[1] != self.region_dim:
-                raise ShardFormatError(f"{where}: regions.npy is {tuple(r.shape)}, expected (k, {self.region_dim}) (rdan.region_dim)")
+                raise ShardFormatError(f"{where}: regions.npy is {tuple(r.shape)}, expected (k, {self.region_dim}) ({self.section}.region_dim)")
             return torch.as_tensor(r, dtype=torch.float32)
         return normalize()(image_to_tensor(self.size)(sample["image"]))
 
@@ -172,21 +175,49 @@ class RDANLoss(nn.Module):
 
 @RECIPES.register("rdan")
 class RDANRecipe(Recipe):
+    """RDAN; also the base of the SCAN baseline (:mod:`xray_match.recipes.scan`), which shares the data
+    path, the all-pairs evaluation and the inference object and reads its own section: everything
+    here reads the inputs and evaluation settings through :attr:`opts`, the recipe's section."""
+
     section = "rdan"
     metric = "val/rsum"
     mode = "max"
 
     @classmethod
     def pixels_field(cls, cfg: Config) -> str | None:
-        return "rdan.region_source" if cfg.rdan.region_source == "grid" else None
+        return f"{cls.section}.region_source" if getattr(cfg, cls.section).region_source == "grid" else None
+
+    @classmethod
+    def check(cls, cfg: Config) -> None:
+        """Refuse a config this method cannot run, before any worker starts."""
+        effective(cfg)  # an impossible ablation
 
     @classmethod
     def prepare(cls, cfg: Config, root: str) -> dict[str, Any]:
         """The vocabulary, from the train split's captions only (vsepp#29 leaked test words)."""
-        effective(cfg)  # refuse an impossible ablation before any worker starts
+        cls.check(cfg)
         split = cfg.data.train_split
-        vocab = build_vocab(split_captions(root, split), cfg.rdan.min_word_count, source=split)
+        vocab = build_vocab(split_captions(root, split), getattr(cfg, cls.section).min_word_count, source=split)
         return {"vocab": vocab.to_dict()}
+
+    @property
+    def opts(self) -> Any:
+        """This method's config section (``cfg.rdan``; ``cfg.scan`` for SCAN)."""
+        return getattr(self.cfg, self.section)
+
+    @property
+    def hardest(self) -> bool:
+        """Whether the loss takes the hardest negatives (Eq. (13)) after any warm-up."""
+        return effective(self.cfg)["hardest"]
+
+    @property
+    def rerank_top_k(self) -> int:
+        """Two-stage evaluation's shortlist size (0: every pair exactly)."""
+        return self.opts.rerank_top_k
+
+    def title(self) -> str:
+        """The method as named in figures."""
+        return f"rdan ({self.opts.ablation})"
 
     @property
     def vocab(self) -> Vocab:
@@ -209,10 +240,10 @@ class RDANRecipe(Recipe):
                         r.embed_loss_weight)
 
     def transform(self, train: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        return RDANTransform(self.cfg, self.vocab, train)
+        return RDANTransform(self.cfg, self.vocab, train, self.section)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return _Collate(self.cfg.rdan.region_source, self.cfg.rdan.ignore_duplicates)(items)
+        return _Collate(self.opts.region_source, self.opts.ignore_duplicates)(items)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return model(batch)  # {"scores": (B, N_cap)}, through DDP so gradients sync
@@ -242,7 +273,7 @@ class RDANRecipe(Recipe):
             len_all.append(batch["lengths"].to(ctx.device))
             cnt_all.append(torch.bincount(batch["caption_image"], minlength=x.shape[0]).to(ctx.device))
             keys.extend(batch["keys"])
-        d = self.cfg.rdan.embed_dim
+        d = self.opts.embed_dim
         # region count: every rank must gather the same trailing shape, even one without samples
         k = max(ctx.gather_objects([x.shape[1] for x in v_all[:1]]) or [0])
 
@@ -267,15 +298,15 @@ class RDANRecipe(Recipe):
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext) -> dict[str, float]:
         net: RDAN = unwrap(model)
-        r = self.cfg.rdan
+        r = self.opts
         v, words, lengths, caption_image, _ = self.encode_split(model, batches, ctx)
         t0 = time.perf_counter()
         autocast = ctx.autocast or _nullcontext
         kw = dict(caption_block=r.eval_caption_block, cell_budget=r.eval_cell_budget, device=ctx.device)
         with autocast():
-            if r.rerank_top_k:  # two-stage: pooled-feature shortlist, exact rerank (every rank alike: it is cheap)
+            if self.rerank_top_k:  # two-stage: pooled-feature shortlist, exact rerank (every rank alike: it is cheap)
                 img, txt = pooled_embeddings(v, words, lengths)
-                scores, pairs = two_stage_scores(net.paired_scores, v, words, lengths, img, txt, r.rerank_top_k,
+                scores, pairs = two_stage_scores(net.paired_scores, v, words, lengths, img, txt, self.rerank_top_k,
                                                  device=ctx.device, cell_budget=r.eval_cell_budget)
             else:
                 scores = score_all_pairs_distributed(net.pair_scores, v, words, lengths, rank=ctx.rank,
@@ -294,33 +325,33 @@ class RDANRecipe(Recipe):
             from xray_match.metrics.plots import save_recall_curve
 
             ctx.artifacts.append(save_recall_curve(r_i2t, r_t2i, os.path.join(ctx.out_dir, "recall_curve.png"),
-                                                   title=f"rdan ({r.ablation})"))
+                                                   title=self.title()))
         return out
 
     def _val_loss(self, scores: torch.Tensor, caption_image: torch.Tensor) -> float:
         """The training loss on consecutive blocks of one batch of images with their first captions."""
         n, b = scores.shape[0], self.cfg.data.batch_size
         first = torch.searchsorted(caption_image, torch.arange(n))
-        loss = HingeRankingLoss(self.cfg.rdan.margin, effective(self.cfg)["hardest"], "mean")
+        loss = HingeRankingLoss(self.opts.margin, self.hardest, "mean")
         vals = [loss({"scores": scores[s : s + b][:, first[s : s + b]]})["rank_loss"].item() for s in range(0, n - b + 1, b)]
         return sum(vals) / len(vals) if vals else float("nan")
 
     def inference(self, model: nn.Module) -> "RDANInference":
-        return RDANInference(unwrap(model), self.cfg, self.vocab)
+        return RDANInference(unwrap(model), self.cfg, self.vocab, self.section)
 
 
 class RDANInference(RetrievalInference):
-    """A loaded RDAN with its preprocessing: score images against texts, rank one by the other."""
+    """A loaded RDAN (or SCAN) with its preprocessing: score images against texts, rank one by the other."""
 
-    def __init__(self, model: RDAN, cfg: Config, vocab: Vocab):
+    def __init__(self, model: RDAN, cfg: Config, vocab: Vocab, section: str = "rdan"):
         self.model, self.cfg = model.eval(), cfg
-        self.transform = RDANTransform(cfg, vocab, train=False)
+        self.transform = RDANTransform(cfg, vocab, train=False, section=section)
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
         """PIL images (grid) or (k, d_v) region arrays (precomputed) -> regions V (N, k, D)."""
-        if self.cfg.rdan.region_source == "precomputed":
+        if self.transform.source == "precomputed":
             x = torch.stack([torch.as_tensor(r, dtype=torch.float32) for r in images])
         else:
             x = torch.stack([self.transform.image({"image": im.convert("RGB")}) for im in images])
@@ -342,7 +373,7 @@ class RDANInference(RetrievalInference):
 
     @torch.no_grad()
     def score(self, images: list, texts: list[str]) -> torch.Tensor:
-        """F(I, T), Eq. (11), (N_images, N_texts)."""
+        """F(I, T), Eq. (11) (SCAN: S(I, T)), (N_images, N_texts)."""
         v = self.encode_images(images)
         _, lengths = self._tokens(texts)
         e = self.encode_texts(texts)
