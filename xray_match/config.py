@@ -122,7 +122,7 @@ class TuneSection:
 
 @dataclass
 class ModelConfig:
-    name: str = F("moco", help="registered recipe: moco | rdan | grounding | dspe")
+    name: str = F("moco", help="registered recipe: moco | rdan | scan | grounding | dspe | dspe_phrase")
 
 
 @dataclass
