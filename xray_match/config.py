@@ -152,14 +152,11 @@ class MocoConfig:
 
 
 @dataclass
-class RDANConfig:
-    """Relation-wise dual attention network (paper: rdan-relation-dual-attention, §3; docs/rdan.md).
-
-    Defaults are the paper's (D = 1024, 300-d words, 32-channel relation CNN, lambda = 4, mu = 0.1,
-    m = 0.2, hardest negatives); the ``rdan_cpu`` preset shrinks sizes for 2 CPU cores. The Table 3
-    ablations: mu=0 / mu=1 (``mu``), one-path (``one_path``), no-cnn (``use_cnn``), no-res
-    (``use_residual``), no-hard (``hardest``); ``rdan_ablation`` is a grid space over them.
-    """
+class CrossAttentionConfig:
+    """What RDAN and its SCAN baseline share: the inputs (the same grid CNN or precomputed regions,
+    vocabulary and bi-GRU, RDAN's Eq. (1-4)), the hinge triplet loss (Eq. (12-13)) and the all-pairs
+    evaluation. Defaults are the RDAN paper's, which are SCAN's too (D = 1024, 300-d words, m = 0.2,
+    hardest negatives)."""
 
     # image side, Eq. (1)
     region_source: Literal["grid", "precomputed"] = F(
@@ -173,15 +170,6 @@ class RDANConfig:
     word_dim: int = F(300, ge=1, help="word embedding size, Eq. (2)")
     gru_layers: int = F(1, ge=1)
     min_word_count: int = F(1, ge=1, help="training-caption count a word needs to enter the vocabulary")
-    # relation CNN and dual attention, Eq. (5-11)
-    relation_channels: int = F(32, ge=1, help="kernels of each of the three conv layers, Eq. (6)")
-    lambda_: float = F(4.0, gt=0, help="inverse softmax temperature, Eq. (8-9)")
-    mu: float = F(0.1, ge=0, le=1, help="weight of word relevance, Eq. (11); 0 / 1 = Table 3's one-pathway ablations")
-    one_path: bool = F(False, help="Table 3 one-path: one learned map for both attentions")
-    use_cnn: bool = F(True, help="False = Table 3 no-cnn: attend on the cosine matrix S")
-    use_residual: bool = F(True, help="False = Table 3 no-res: no + S in Eq. (7)")
-    ablation: Literal["none", "mu0", "mu1", "one-path", "no-cnn", "no-res", "no-hard"] = F(
-        "none", help="a Table 3 row by name; overrides mu / one_path / use_cnn / use_residual / hardest")
     # loss, Eq. (12-13)
     margin: float = F(0.2, ge=0, help="m")
     hardest: bool = F(True, help="Eq. (13) hardest negatives; False = Eq. (12) all negatives (Table 3 no-hard)")
@@ -192,6 +180,28 @@ class RDANConfig:
     eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
     eval_caption_block: int = F(256, ge=1, help="captions per scoring block")
     eval_cell_budget: int = F(1 << 20, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
+
+
+@dataclass
+class RDANConfig(CrossAttentionConfig):
+    """Relation-wise dual attention network (paper: rdan-relation-dual-attention, §3; docs/rdan.md).
+
+    Defaults are the paper's (D = 1024, 300-d words, 32-channel relation CNN, lambda = 4, mu = 0.1,
+    m = 0.2, hardest negatives); the ``rdan_cpu`` preset shrinks sizes for 2 CPU cores. The Table 3
+    ablations: mu=0 / mu=1 (``mu``), one-path (``one_path``), no-cnn (``use_cnn``), no-res
+    (``use_residual``), no-hard (``hardest``); ``rdan_ablation`` is a grid space over them.
+    """
+
+    # relation CNN and dual attention, Eq. (5-11)
+    relation_channels: int = F(32, ge=1, help="kernels of each of the three conv layers, Eq. (6)")
+    lambda_: float = F(4.0, gt=0, help="inverse softmax temperature, Eq. (8-9)")
+    mu: float = F(0.1, ge=0, le=1, help="weight of word relevance, Eq. (11); 0 / 1 = Table 3's one-pathway ablations")
+    one_path: bool = F(False, help="Table 3 one-path: one learned map for both attentions")
+    use_cnn: bool = F(True, help="False = Table 3 no-cnn: attend on the cosine matrix S")
+    use_residual: bool = F(True, help="False = Table 3 no-res: no + S in Eq. (7)")
+    ablation: Literal["none", "mu0", "mu1", "one-path", "no-cnn", "no-res", "no-hard"] = F(
+        "none", help="a Table 3 row by name; overrides mu / one_path / use_cnn / use_residual / hardest")
+    # evaluation
     rerank_top_k: int = F(0, ge=0, help="evaluation: 0 = every pair exactly; K = two-stage: each image's K nearest "
                                         "captions and each caption's K nearest images by pooled features, reranked exactly")
     embed_loss_weight: float = F(0.0, ge=0, help="weight of the auxiliary hinge loss on the pooled features "
@@ -199,42 +209,22 @@ class RDANConfig:
 
 
 @dataclass
-class SCANConfig:
+class SCANConfig(CrossAttentionConfig):
     """SCAN, stacked cross attention (Lee et al., ECCV 2018), the RDAN paper's main baseline (docs/rdan.md).
 
-    Inputs as RDAN's (the same grid CNN or precomputed regions, vocabulary and bi-GRU). Defaults are
-    SCAN's Flickr30K t-i AVG model: lambda_1 = 9 (its i-t models use 4), lambda_2 = 6 for LSE (its COCO
-    t-i LSE; 5 for Flickr i-t LSE), D = 1024, 300-d words, a 1-layer bi-GRU, margin 0.2 with the hardest
+    Inputs, loss and evaluation as RDAN's (CrossAttentionConfig). Defaults are SCAN's Flickr30K t-i
+    AVG model: lambda_1 = 9 (its i-t models use 4), lambda_2 = 6 for LSE (its COCO t-i LSE; 5 for
+    Flickr i-t LSE), D = 1024, 300-d words, a 1-layer bi-GRU, margin 0.2 with the hardest
     negatives (VSE++ max of hinges), features L2-normalised as in SCAN's released code.
     """
 
-    # inputs (as rdan.*)
-    region_source: Literal["grid", "precomputed"] = F(
-        "grid", help="grid: cells of a CNN trained from pixels; precomputed: regions.npy (k x region_dim) in the shards")
-    backbone: Literal["resnet10", "resnet18", "resnet34"] = F("resnet10", help="grid CNN depth")
-    backbone_width: int = F(16, ge=4, help="grid CNN first-stage channels (64 = torchvision widths)")
-    grid: int = F(4, ge=1, le=32, help="regions = grid x grid cells of the last feature map")
-    region_dim: int = F(2048, ge=1, help="d_v of precomputed region features")
-    embed_dim: int = F(1024, ge=1, help="D, the joint space of regions and words")
-    word_dim: int = F(300, ge=1)
-    gru_layers: int = F(1, ge=1)
-    min_word_count: int = F(1, ge=1, help="training-caption count a word needs to enter the vocabulary")
+    # features
     feature_norm: bool = F(True, help="L2-normalise regions and words after the encoders (SCAN's code)")
     # stacked cross attention
     direction: Literal["t-i", "i-t"] = F("t-i", help="t-i: attend to regions per word; i-t: to words per region")
     pooling: Literal["avg", "lse"] = F("avg", help="relevances pooled by their mean (AVG) or LogSumExp (LSE)")
     lambda_1: float = F(9.0, gt=0, help="inverse softmax temperature of the attention (SCAN: 9 t-i, 4 i-t)")
     lambda_2: float = F(6.0, gt=0, help="LogSumExp sharpness (pooling=lse only)")
-    # loss: the hinge triplet loss of losses/ranking.py
-    margin: float = F(0.2, ge=0, help="alpha")
-    hardest: bool = F(True, help="hardest negatives (VSE++ max of hinges); False = sum over all negatives")
-    loss_reduction: Literal["sum", "mean"] = F("sum", help="over the batch's positive pairs (SCAN: sum)")
-    hardest_warmup_steps: int = F(0, ge=0, help="first training steps on all negatives, then the hardest")
-    ignore_duplicates: bool = F(True, help="pairs of identical captions / same image are not negatives")
-    # evaluation (as rdan.*)
-    eval_folds: int = F(1, ge=1, help="1 = the whole split (Flickr30k 1K, COCO 5K); 5 = COCO 5-fold 1K")
-    eval_caption_block: int = F(256, ge=1, help="captions per scoring block")
-    eval_cell_budget: int = F(1 << 20, ge=1024, help="(pair x region x word) cells per scoring block: bounds memory")
 
 
 @dataclass
