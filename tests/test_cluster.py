@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[1]
 #: a small tune / train budget: tiny models, 3 steps an epoch (overrides after it win)
-SMALL = ["--cpus-per-worker", "1", "data.steps_per_epoch=3", "data.batch_size=16", "data.eval_batch_size=32",
+SMALL = ["--cpus-per-worker", "1", "data.steps_per_epoch=3", "tune.trial_steps_per_epoch=0", "data.batch_size=16", "data.eval_batch_size=32",
          "train.bn_recompute_batches=2", "moco.teacher_hidden=[128]"]
 #: every subprocess's bound: a step that hangs fails the test instead of the suite
 STEP_TIMEOUT_S = 600
@@ -382,7 +382,7 @@ def test_a_killed_tune_driver_resumes_from_the_bucket(cluster, mlflow_env):
     study = "study-resume"
     args = ["jobs/tune_moco.py", "--data", cluster["data"], "--storage-path", f"s3://{bucket}/ray", "--name", study,
             "--num-samples", "2", "--no-test-eval", "tune.time_budget_s=3600", "tune.trial_epochs=1", "train.epochs=1", "tracking.register=false",
-            *SMALL]
+            "tune.max_concurrent=1", "tune.trial_workers=2", *SMALL]  # trials through a TorchTrainer
 
     def finished_trials() -> set[str]:
         done: set[str] = set()

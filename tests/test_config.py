@@ -91,3 +91,15 @@ def test_a_tune_jobs_command_line_keys_are_fixed_for_every_trial():
     assert sorted(held) == ["moco.sampler", "optim.lr"] and rest == {k: v for k, v in space.items() if k not in held}
     with pytest.raises(ConfigError, match="search space 'moco': every key is fixed on the command line"):
         hold_fixed(space, list(space), "moco")
+
+
+def test_a_trial_keeps_the_global_batch_and_runs_in_its_own_actor_with_one_worker():
+    from xray_match.driver.tuner import runs_in_trial, trial_config
+
+    cfg = load_config("moco_cpu", [])
+    trial = trial_config(cfg)  # the preset's study: one worker, 4 x 150 steps, the run's global batch
+    assert (trial.ray.num_workers, trial.data.batch_size, trial.train.epochs, trial.data.steps_per_epoch) == (1, 64, 4, 150)
+    assert runs_in_trial(trial) and not runs_in_trial(trial.with_overrides(["train.checkpoint_every_steps=10"]))
+    assert not runs_in_trial(trial_config(cfg.with_overrides(["tune.trial_workers=0"])))  # ray.num_workers: 2
+    with pytest.raises(ConfigError, match=r"tune.trial_workers: 3 does not divide the global batch 64"):
+        load_config("moco_cpu", ["tune.trial_workers=3"])

@@ -13,7 +13,7 @@ def _cfg(tiny_scenes, tmp_path, mlflow_uri, *extra):
     return load_config("moco_cpu", [
         f"data.path={tiny_scenes}", "data.steps_per_epoch=3", "data.batch_size=16", "data.eval_batch_size=32",
         f"ray.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_uri}", "ray.cpus_per_worker=1",
-        "moco.teacher_hidden=[128]", "moco.lstm_hidden=128", *extra,
+        "moco.teacher_hidden=[128]", "moco.lstm_hidden=128", "tune.trial_steps_per_epoch=0", *extra,
     ])
 
 
@@ -56,17 +56,26 @@ def test_lost_worker_restarts_from_the_last_checkpoint(ray_cluster, tiny_scenes,
     assert state["loop"]["step"] == 6 and [h["epoch"] for h in state["loop"]["history"]] == [1.0, 2.0]
 
 
-def test_tune_registers_the_champion_and_it_loads_back(ray_cluster, tiny_scenes, tmp_path, mlflow_uri):
+def test_tune_registers_the_champion_and_it_loads_back(ray_cluster, tiny_scenes, tmp_path, mlflow_uri, monkeypatch):
+    """The preset's study shape: one-worker trials in Tune's own trial actor. Its actor dies hard
+    after training epoch 2, before reporting it: Tune restarts the trial from its epoch-1 checkpoint."""
     from mlflow import MlflowClient
 
     import xray_match
-    from xray_match.driver.tuner import run_tune
+    from xray_match.driver.tuner import run_tune, runs_in_trial, trial_config
+    from xray_match.driver.worker import FAULT_ENV
     from xray_match.tracking.models import ModelLookupError, load_inference
 
-    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "train.epochs=1", "tune.trial_epochs=1", "tune.num_samples=1", "tune.time_budget_s=86400",
-               "ray.name=study")
+    marker = tmp_path / "trial-exited"
+    monkeypatch.setenv(FAULT_ENV, f"0:epoch=2:{marker}")
+    cfg = _cfg(tiny_scenes, tmp_path, mlflow_uri, "tune.trial_epochs=2", "tune.num_samples=1", "tune.time_budget_s=86400",
+               "ray.max_failures=1", "ray.name=study")
+    trial = trial_config(cfg)
+    assert runs_in_trial(trial) and trial.data.batch_size == 32 and trial.train.epochs == 2  # the global batch kept
     out = run_tune(cfg, "moco")
-    assert out["trials"] == 1 and out["model_version"] == 1
+    assert out["trials"] == 1 and out["model_version"] == 1 and marker.exists()
+    state = out["best_checkpoint"].load()
+    assert state["loop"]["resumes"] == 1 and [h["epoch"] for h in state["loop"]["history"]] == [1.0, 2.0]
     client = MlflowClient(mlflow_uri)
     version = client.get_model_version_by_alias("xray-match-moco", "champion")
     assert str(version.version) == "1" and version.tags["metric"] == "val/rsum" and version.tags["dataset"] == "digit-scenes"

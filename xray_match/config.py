@@ -110,9 +110,14 @@ class TrackingConfig:
 @dataclass
 class TuneSection:
     num_samples: int = F(4, ge=1)
-    max_concurrent: int = F(1, ge=1)
+    max_concurrent: int = F(1, ge=1, help="trials at a time (at most the study's number of trials)")
     time_budget_s: float = F(480.0, gt=0)
     trial_epochs: int = F(0, ge=0, help="epochs of each trial; 0 = train.epochs (a study's trials may be shorter than a run)")
+    trial_steps_per_epoch: int = F(0, ge=0, help="steps of each trial's epoch; 0 = data.steps_per_epoch (shorter "
+                                   "epochs: ASHA's first rung comes sooner)")
+    trial_workers: int = F(0, ge=0, help="Ray Train workers per trial; 0 = ray.num_workers. The global batch stays "
+                           "data.batch_size x ray.num_workers. A trial of one worker runs in Tune's own trial actor, "
+                           "reused by the next trial (no TorchTrainer: no new processes per trial)")
     metric: str = "val/rsum"
     mode: Literal["max", "min"] = "max"
     grace_period: int = F(1, ge=1)
@@ -416,8 +421,10 @@ def _cross_checks(cfg: Config) -> None:
             )
         if cfg.moco.sampler == "rerank" and cfg.moco.queue_fraction == 0 and cfg.moco.rerank_top_n > cfg.moco.queue_size:
             raise ConfigError(f"moco.rerank_top_n: {cfg.moco.rerank_top_n} exceeds moco.queue_size {cfg.moco.queue_size}")
-    if cfg.tune.max_concurrent > cfg.tune.num_samples:
-        raise ConfigError("tune.max_concurrent: larger than tune.num_samples")
+    if cfg.tune.trial_workers and (cfg.data.batch_size * cfg.ray.num_workers) % cfg.tune.trial_workers:
+        raise ConfigError(f"tune.trial_workers: {cfg.tune.trial_workers} does not divide the global batch "
+                          f"{cfg.data.batch_size * cfg.ray.num_workers} (data.batch_size={cfg.data.batch_size} x "
+                          f"ray.num_workers={cfg.ray.num_workers})")
     betas = cfg.grounding.table1_betas
     if not betas or any(b < 0 for b in betas) or len(set(betas)) != len(betas):
         raise ConfigError(f"grounding.table1_betas: {betas} must be a non-empty list of distinct β >= 0")

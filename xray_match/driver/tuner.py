@@ -15,6 +15,7 @@ reads Tune's experiment state, which Tune pickles: resume only studies your own 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterable
 
@@ -117,12 +118,34 @@ def epoch_report_callback() -> Any:
     return EpochReportCallback()
 
 
+def trial_config(cfg: Config) -> Config:
+    """The config every trial starts from: ``tune.trial_epochs``, ``tune.trial_steps_per_epoch`` and
+    ``tune.trial_workers`` applied, the global batch (``data.batch_size`` x ``ray.num_workers``) kept."""
+    over: dict[str, Any] = {}
+    if cfg.tune.trial_epochs:
+        over["train.epochs"] = cfg.tune.trial_epochs
+    if cfg.tune.trial_steps_per_epoch:
+        over["data.steps_per_epoch"] = cfg.tune.trial_steps_per_epoch
+    if cfg.tune.trial_workers and cfg.tune.trial_workers != cfg.ray.num_workers:
+        over |= {"ray.num_workers": cfg.tune.trial_workers,
+                 "data.batch_size": cfg.data.batch_size * cfg.ray.num_workers // cfg.tune.trial_workers}
+    return cfg.with_overrides(over) if over else cfg
+
+
+def runs_in_trial(cfg: Config) -> bool:
+    """Whether a trial trains in Tune's own trial actor (:func:`~xray_match.driver.worker.train_in_trial`)
+    rather than through a TorchTrainer: one worker, and no step checkpoints (each of a trial's
+    reports reaches the searcher and the scheduler, which need its validation metric)."""
+    return cfg.ray.num_workers == 1 and cfg.train.checkpoint_every_steps == 0
+
+
 def _trial(config: dict[str, Any], base: Config, info: dict[str, Any], storage: Storage,
-           tracking: dict[str, Any] | None, study: str) -> None:
-    """One Tune trial: merge the sampled values, start a child MLflow run, fit a TorchTrainer."""
+           tracking: dict[str, Any] | None, study: str, hooks: dict[str, str | None]) -> None:
+    """One Tune trial: merge the sampled values, start a child MLflow run, train (in this actor, or
+    with a TorchTrainer: :func:`runs_in_trial`)."""
     import ray.tune
 
-    from xray_match.driver.worker import build_trainer
+    from xray_match.driver.worker import build_trainer, train_in_trial, worker_config
     from xray_match.tracking.runs import end_run, start_trial_run
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -133,7 +156,11 @@ def _trial(config: dict[str, Any], base: Config, info: dict[str, Any], storage: 
                                       {"ray_trial_id": trial_id, "study": study, "model": cfg.model.name})
     status = "FAILED"
     try:
-        build_trainer(cfg, DataInfo(**info), storage, mlflow=mlflow_spec, callbacks=[epoch_report_callback()]).fit()
+        if runs_in_trial(cfg):
+            train_in_trial(worker_config(cfg, DataInfo(**info), mlflow_spec, hooks))
+        else:
+            build_trainer(cfg, DataInfo(**info), storage, mlflow=mlflow_spec, callbacks=[epoch_report_callback()],
+                          hooks=hooks).fit()
         status = "FINISHED"
     finally:
         end_run(mlflow_spec, status)
@@ -145,9 +172,10 @@ def fit_local_resources(cfg: Config, concurrent: int) -> Config:
     import ray
 
     total = ray.cluster_resources().get("CPU", 0)
-    need = concurrent * (TRIAL_CPU + cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+    own = 0.0 if runs_in_trial(cfg) else TRIAL_CPU
+    need = concurrent * (own + cfg.ray.num_workers * cfg.ray.cpus_per_worker)
     if total and need > total:
-        share = round((total / concurrent - TRIAL_CPU) / cfg.ray.num_workers, 3)
+        share = round((total / concurrent - own) / cfg.ray.num_workers, 3)
         if share <= 0:
             raise ConfigError(f"tune.max_concurrent: {concurrent} trials of {cfg.ray.num_workers} workers do not fit in {total} CPUs")
         print(f"[xray_match] {total:g} CPUs: ray.cpus_per_worker {cfg.ray.cpus_per_worker} -> {share} so trials fit", flush=True)
@@ -180,9 +208,10 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     from ray.tune.search.optuna import OptunaSearch
 
     from xray_match.driver.prepare import prepare_info
-    from xray_match.driver.worker import ensure_ray, start_train_coordinator
+    from xray_match.driver.worker import ensure_ray, start_train_coordinator, fault_hooks
 
     recipe = RECIPES.get(cfg.model.name)
+    cfg = trial_config(cfg)  # the spaces read it (grids split global batches over the trial's workers)
     space_name = space or cfg.tune.space or cfg.model.name
     search_space, held = hold_fixed(SPACES.get(space_name)(cfg), fixed, space_name)
     check_space(cfg, search_space)
@@ -190,8 +219,6 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     if held:
         print("[xray_match] fixed for every trial (given on the command line): "
               + ", ".join(f"{k}={v}" for k, v in held_values.items()), flush=True)
-    if cfg.tune.trial_epochs:
-        cfg = cfg.with_overrides({"train.epochs": cfg.tune.trial_epochs})
     ctx = RunContext.from_config(cfg)
     storage = ctx.storage
     if resume:
@@ -205,7 +232,11 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     info = info or prepare_info(cfg)
     ensure_ray()
     start_train_coordinator()
-    cfg = fit_local_resources(cfg, cfg.tune.max_concurrent)
+    grid = is_grid(search_space)
+    n_trials = math.prod(len(v["grid_search"]) for v in search_space.values()
+                         if isinstance(v, dict) and "grid_search" in v) if grid else cfg.tune.num_samples
+    concurrent = min(cfg.tune.max_concurrent, n_trials)
+    cfg = fit_local_resources(cfg, concurrent)
     metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
     mode = cfg.tune.mode if cfg.tune.metric != "val/rsum" else recipe.mode
 
@@ -217,11 +248,12 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
                            | {f"fixed.{k}": str(v)[:500] for k, v in held_values.items()}
                            | {f"space.{k}": str(v)[:500] for k, v in search_space.items()})
 
-    grid = is_grid(search_space)
+    in_trial = runs_in_trial(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg, info=vars(info), storage=storage, tracking=session.study_spec(parent),
-                             study=study),
-        {"CPU": TRIAL_CPU},
+                             study=study, hooks=fault_hooks()),
+        {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.gpus_per_worker else {})
+        if in_trial else {"CPU": TRIAL_CPU},
     )
     if resume:  # the searcher, the scheduler and the finished trials come back from the study's own state
         tuner = tune.Tuner.restore(storage.join(study), trainable=trainable, resume_unfinished=True,
@@ -233,7 +265,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
             first = default_point(cfg, search_space)
             search_alg = ConcurrencyLimiter(
                 OptunaSearch(seed=cfg.tune.seed, points_to_evaluate=[encode_keys(first)] if first else None),
-                max_concurrent=cfg.tune.max_concurrent)
+                max_concurrent=concurrent)
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
                                       grace_period=min(cfg.tune.grace_period, cfg.train.epochs))
         tuner = tune.Tuner(
@@ -242,11 +274,16 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=search_alg, scheduler=scheduler,
                 num_samples=1 if grid else cfg.tune.num_samples,
-                max_concurrent_trials=cfg.tune.max_concurrent, time_budget_s=cfg.tune.time_budget_s,
+                max_concurrent_trials=concurrent if grid else None,  # else the ConcurrencyLimiter's
+                time_budget_s=cfg.tune.time_budget_s,
+                reuse_actors=in_trial,
                 trial_name_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
                 trial_dirname_creator=lambda t: f"{cfg.model.name}-{t.trial_id}",
             ),
-            run_config=tune.RunConfig(name=study, storage_path=storage.root, verbose=1),
+            # a trial in its own actor restarts from its last epoch's checkpoint, as a TorchTrainer's
+            # workers do (whose own FailureConfig covers them: Tune's would restart it whole)
+            run_config=tune.RunConfig(name=study, storage_path=storage.root, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures if in_trial else 0)),
         )
     results = tuner.fit()
     # Tune stops a trial's actor once its last result is in, often before the trial's own
@@ -272,7 +309,8 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
         session.log_texts(parent, {"grid.md": out["table"]}, artifact_path="tables")
     out |= {"best_config": decode_keys(best.config),
             "best_metrics": {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))},
-            "best_checkpoint": ctx.checkpoint(best.metrics.get("checkpoint_path"))}
+            "best_checkpoint": ctx.checkpoint(best.metrics.get("checkpoint_path")
+                                              or (best.checkpoint.path if best.checkpoint else None))}
     ckpt = out["best_checkpoint"]
     if session.enabled:
         session.log_metrics(parent, {f"best/{k}": v for k, v in out["best_metrics"].items() if k.startswith("val/")})

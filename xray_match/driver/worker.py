@@ -55,22 +55,78 @@ SAMPLE_LOG_ENV = "XRAY_MATCH_SAMPLE_LOG"
 STEP_REPORT = "step_checkpoint"
 
 
+class _TrainSession:
+    """What the shared worker body needs from Ray: inside a TorchTrainer's worker (``ray.train``)."""
+
+    #: whether reports may carry step checkpoints (:data:`STEP_REPORT`): a Tune trial's reports
+    #: all reach the searcher and the scheduler, which need the validation metric
+    step_checkpoints = True
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        self.api = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self) -> Any:
+        return self.api.get_checkpoint()
+
+    def report(self, metrics: dict[str, float], folder: str | None) -> None:
+        checkpoint = self.api.Checkpoint.from_directory(folder) if folder else None
+        self.api.report(metrics, checkpoint=checkpoint)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # find_unused_parameters: momentum/key branches and frozen encoders hold no gradients
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+            if any(p.requires_grad for p in model.parameters()) else model
+
+
+class _TrialSession(_TrainSession):
+    """The same inside a Tune trial's own actor (``ray.tune``): one worker, no process group."""
+
+    step_checkpoints = False
+
+    def __init__(self) -> None:
+        import ray
+        import ray.tune
+
+        self.api = ray.tune
+        self.rank, self.world = 0, 1
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker entry point (``train_loop_per_worker``)."""
-    import ray.train
-    import ray.train.torch
+    _train(config, _TrainSession())
 
+
+def train_in_trial(config: dict[str, Any]) -> None:
+    """A one-worker trial's loop in the Tune trial's own actor: no TorchTrainer, no controller, no
+    worker group, so a reused actor starts its next trial without new processes or imports. It
+    reports (and checkpoints) each epoch to Tune; Tune's ``FailureConfig`` restarts it from the last."""
+    _train(config, _TrialSession())
+
+
+def _train(config: dict[str, Any], session: _TrainSession) -> None:
+    """The worker body shared by both: resume, log from rank 0, run the loop, report each epoch
+    with a checkpoint (and step checkpoints, under a TorchTrainer)."""
     from xray_match.tracking.runs import RankZeroLogger
     from xray_match.train.loop import run
 
     worker_env()
     cfg = Config.from_dict(config["cfg"])
     info = DataInfo(**config["info"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank = session.rank
     start = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             start = load_checkpoint(d)
@@ -82,11 +138,9 @@ def train_func(config: dict[str, Any]) -> None:
 
     def checkpoint_report(metrics: dict[str, float], trainer) -> None:
         with tempfile.TemporaryDirectory(prefix="xray-ckpt-") as d:
-            checkpoint = None
             if rank == 0:
                 save_checkpoint(trainer.state_dict(), os.path.join(d, CKPT_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            session.report(metrics, d if rank == 0 else None)
 
     def report(metrics: dict[str, float], trainer, artifacts: list[str]) -> None:
         _maybe_exit(fault, rank, "epoch", int(metrics["epoch"]))
@@ -103,13 +157,9 @@ def train_func(config: dict[str, Any]) -> None:
                 fh.write(json.dumps({"step": trainer.state.step, "rank": rank, "keys": keys}) + "\n")
         _maybe_exit(fault, rank, "step", trainer.state.step)
 
-    def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        # find_unused_parameters: momentum/key branches and frozen encoders hold no gradients
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-            if any(p.requires_grad for p in model.parameters()) else model
-
-    run(cfg, info, rank=rank, world_size=world, device=device, wrap_model=wrap, start_state=start,
-        report=report, save=save, on_step=on_step if (fault or sample_log) else None, log=_log)
+    run(cfg, info, rank=rank, world_size=session.world, device=session.device, wrap_model=session.wrap,
+        start_state=start, report=report, save=save if session.step_checkpoints else None,
+        on_step=on_step if (fault or sample_log) else None, log=_log)
     logger.end()
 
 
@@ -141,8 +191,20 @@ def _maybe_exit(fault: str | None, rank: int, unit: str, count: int) -> None:
         os._exit(1)  # a lost worker: no exception, no cleanup, as when a node dies
 
 
+def fault_hooks() -> dict[str, str | None]:
+    """The fault-injection and audit hooks for tests (:data:`FAULT_ENV`, :data:`SAMPLE_LOG_ENV`) set in this process's environment."""
+    return {"fault": os.environ.get(FAULT_ENV), "sample_log": os.environ.get(SAMPLE_LOG_ENV)}
+
+
+def worker_config(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None,
+                  hooks: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """What :func:`train_func` and :func:`train_in_trial` get: the config, the data, the MLflow
+    worker spec and the test hooks (default: :func:`fault_hooks` of this process)."""
+    return {"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow} | (fault_hooks() if hooks is None else hooks)
+
+
 def build_trainer(cfg: Config, info: DataInfo, storage: Storage, mlflow: dict[str, Any] | None = None,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, hooks: dict[str, str | None] | None = None):
     """A TorchTrainer of ``cfg`` writing under ``storage`` (the run's, or its study's), its rank-0
     worker logging to the MLflow run of ``mlflow`` (a worker spec of :mod:`xray_match.tracking.runs`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -155,8 +217,7 @@ def build_trainer(cfg: Config, info: DataInfo, storage: Storage, mlflow: dict[st
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.ray.worker_start_timeout_s)
     return TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow,
-                           "fault": os.environ.get(FAULT_ENV), "sample_log": os.environ.get(SAMPLE_LOG_ENV)},
+        train_loop_config=worker_config(cfg, info, mlflow, hooks),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(

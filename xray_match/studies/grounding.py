@@ -47,7 +47,9 @@ def ensure_data(cfg: Config, root: str | None = None, progress: bool = True, wor
 
 def study_trials(ctx: RunContext, study_dir: str) -> list[dict[str, Any]]:
     """Each trial of the Tune study folder ``study_dir`` under ``ctx``'s storage: its sampled config
-    (dotted keys), last metrics and checkpoint, read from the trials' ``result.json``."""
+    (dotted keys), last metrics and checkpoint, read from the trials' ``result.json`` (a trial that
+    trained in its own actor reported its checkpoint to Tune, not in its metrics: its newest
+    ``checkpoint_*`` folder)."""
     from xray_match.data.io import filesystem
     from xray_match.driver.tuner import decode_keys
 
@@ -59,6 +61,8 @@ def study_trials(ctx: RunContext, study_dir: str) -> list[dict[str, Any]]:
         if not lines:
             continue
         last = json.loads(lines[-1])
+        folders = sorted(fs.glob(f"{path.rsplit('/', 1)[0]}/checkpoint_*"))
+        last.setdefault("checkpoint_path", folders[-1] if folders else None)
         rows.append({"trial_id": last.get("trial_id", ""),
                      "config": decode_keys(last.get("config", {})),
                      "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
