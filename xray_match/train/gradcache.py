@@ -2,8 +2,8 @@
 in the memory of one chunk.
 
 GradCache: Gao, Zhang, Han, Callan, "Scaling Deep Contrastive Learning Batch Size under Memory
-Limited Setup" (RepL4NLP 2021), §3. For a loss ``L(e_1, ..., e_B)`` of per-sample embeddings
-``e_i = f_theta(x_i)`` the chain rule splits the gradient over the samples (their Eq. (5)-(6)):
+Limited Setup" (RepL4NLP 2021), its method (the gradient cache). For a loss ``L(e_1, ..., e_B)`` of
+per-sample embeddings ``e_i = f_theta(x_i)`` the chain rule splits the gradient over the samples:
 
     dL/dtheta = sum_i (dL/de_i) . (de_i/dtheta)
 
