@@ -81,6 +81,9 @@ class LoopConfig:
                                   "over this many training batches (precise BN); 0 = keep the running averages")
     checkpoint_every_steps: int = F(0, ge=0, help="also checkpoint every N optimizer steps inside an epoch, with the "
                                     "data position (a lost worker costs at most N steps); 0 = at each epoch's end only")
+    micro_batch_size: int = F(0, ge=0, help="gradient caching (GradCache): run the encoders in chunks of this many "
+                              "samples and the loss over the whole batch, same gradient, less memory; 0 = off "
+                              "(docs/big_batches.md)")
 
 
 @dataclass
@@ -421,6 +424,7 @@ def _cross_checks(cfg: Config) -> None:
             )
         if cfg.moco.sampler == "rerank" and cfg.moco.queue_fraction == 0 and cfg.moco.rerank_top_n > cfg.moco.queue_size:
             raise ConfigError(f"moco.rerank_top_n: {cfg.moco.rerank_top_n} exceeds moco.queue_size {cfg.moco.queue_size}")
+    _check_micro_batch(cfg)
     if cfg.tune.trial_workers and (cfg.data.batch_size * cfg.ray.num_workers) % cfg.tune.trial_workers:
         raise ConfigError(f"tune.trial_workers: {cfg.tune.trial_workers} does not divide the global batch "
                           f"{cfg.data.batch_size * cfg.ray.num_workers} (data.batch_size={cfg.data.batch_size} x "
@@ -428,3 +432,18 @@ def _cross_checks(cfg: Config) -> None:
     betas = cfg.grounding.table1_betas
     if not betas or any(b < 0 for b in betas) or len(set(betas)) != len(betas):
         raise ConfigError(f"grounding.table1_betas: {betas} must be a non-empty list of distinct β >= 0")
+
+
+def _check_micro_batch(cfg: Config) -> None:
+    """``train.micro_batch_size`` divides the per-worker batch, and the recipe can cache gradients
+    (its loss is a function of per-sample embeddings: :attr:`Recipe.item_fields`)."""
+    m, b = cfg.train.micro_batch_size, cfg.data.batch_size
+    if not m:
+        return
+    if b % m:
+        raise ConfigError(f"train.micro_batch_size: {m} does not divide the per-worker batch data.batch_size={b}")
+    from xray_match.registry import RECIPES
+
+    recipe = RECIPES.get(cfg.model.name)
+    if not recipe.item_fields:
+        raise ConfigError(f"train.micro_batch_size: model {cfg.model.name!r} cannot cache gradients: {recipe.no_grad_cache}")

@@ -80,15 +80,21 @@ class IntermodalModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text(self.tokens(input_ids, attention_mask), attention_mask)  # (B, D)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], keys: bool = True) -> dict[str, torch.Tensor]:
+        """Embeddings, and with ``keys`` (and momentum encoders) the momentum keys too."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         tok = self.tokens(ids, mask)
         out = {"image_emb": self.image(batch["image"]), "text_emb": self.text(tok, mask)}
-        if self.image_key is not None:
-            with torch.no_grad():
-                out["image_key"] = self.image_key(batch["image"])
-                out["text_key"] = self.text_key(tok.detach(), mask)
-        return out
+        return out | self.momentum_keys(batch, tok) if keys else out
+
+    @torch.no_grad()
+    def momentum_keys(self, batch: dict[str, torch.Tensor], tok: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"image_key", "text_key"}`` (B, D) from the momentum encoders; empty without them."""
+        if self.image_key is None:
+            return {}
+        mask = batch["attention_mask"]
+        tok = self.tokens(batch["input_ids"], mask) if tok is None else tok
+        return {"image_key": self.image_key(batch["image"]), "text_key": self.text_key(tok.detach(), mask)}
 
     @torch.no_grad()
     def momentum_update(self, m: float) -> None:

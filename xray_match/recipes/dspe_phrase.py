@@ -201,6 +201,8 @@ class DSPEPhraseRecipe(DSPEBase):
     has IoU >= 0.5 with the phrase's ground-truth box."""
 
     metric = "val/phrase_acc"
+    item_fields = caption_fields = ()  # regions and phrases carry no item index to chunk a batch by
+    no_grad_cache = "its batches hold regions and phrases with no item index to chunk them by (docs/big_batches.md)"
     mode = "max"
 
     @classmethod

@@ -139,6 +139,7 @@ def build_grounder(g: Any, backbone_state: dict[str, torch.Tensor] | None = None
 @RECIPES.register("grounding")
 class GroundingRecipe(Recipe):
     section = "grounding"
+    no_grad_cache = "its loss reads attention maps of each image-query pair, not per-sample embeddings (docs/big_batches.md)"
     metric = "val/avg_iou"
     mode = "max"
 

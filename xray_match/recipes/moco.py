@@ -108,6 +108,7 @@ class MocoRecipe(Recipe):
     # training), then rsum and the embedding spread
     table_columns = ("val/acc", "val/loss", "val/avg_similarity", "train/acc", "train/nce_loss",
                      "train/avg_similarity", "val/rsum", "val/image_spread", "train/samples_per_s")
+    item_fields, caption_fields = ("image",), ("input_ids", "attention_mask")
 
     def build_model(self) -> nn.Module:
         m = self.cfg.moco
@@ -127,6 +128,13 @@ class MocoRecipe(Recipe):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         return collate_tokens(items)
+
+    def embed(self, model, chunk):
+        return model(chunk, keys=False)
+
+    def embed_once(self, model, batch):
+        """The momentum keys over the whole batch (BatchNorm statistics of the whole batch, as without caching)."""
+        return unwrap(model).momentum_keys(batch)
 
     def after_step(self, model, loss_module, outputs, batch) -> None:
         if self.cfg.moco.sampler != "batch":

@@ -180,6 +180,8 @@ class RDANRecipe(Recipe):
     here reads the inputs and evaluation settings through :attr:`opts`, the recipe's section."""
 
     section = "rdan"
+    no_grad_cache = ("its cross attention scores every image-caption pair jointly, so the loss is not a function "
+                     "of per-sample embeddings (docs/big_batches.md)")
     metric = "val/rsum"
     mode = "max"
 

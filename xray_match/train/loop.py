@@ -31,6 +31,7 @@ from xray_match.config import Config
 from xray_match.data.reader import make_loader, take_bookkeeping
 from xray_match.distributed import all_gather_objects, all_reduce_mean
 from xray_match.registry import RECIPES
+from xray_match.train.gradcache import cached_backward, total_loss
 from xray_match.train.recipe import DataInfo, EvalContext, Recipe, move_to, unwrap
 
 
@@ -213,12 +214,7 @@ class Trainer:
             st.skipped += skipped
             self._rank_pos |= pos
             batch = move_to(batch, self.device)
-            with self.autocast():
-                outputs = self.recipe.forward(self.model, batch)
-                losses = self.loss_fn(outputs, batch)
-            loss = sum(v for k, v in losses.items() if k.endswith("_loss"))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            outputs, losses, loss = self.backward(batch)
             if self.cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
@@ -246,6 +242,21 @@ class Trainer:
         out["train/samples_per_s"] = seen_here * self.world_size / max(time.perf_counter() - t0, 1e-9)
         out["train/skipped"] = float(self.state.skipped)
         return out
+
+    def backward(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """The step's gradient in every parameter's ``.grad`` (zeroed first), and its outputs, named
+        losses and summed loss: in one pass, or with ``train.micro_batch_size`` chunk by chunk by
+        gradient caching (:mod:`xray_match.train.gradcache`: the same gradient, BatchNorm per chunk)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.train.micro_batch_size:
+            return cached_backward(self.recipe, self.model, self.loss_fn, batch, self.cfg.train.micro_batch_size,
+                                   self.autocast)
+        with self.autocast():
+            outputs = self.recipe.forward(self.model, batch)
+            losses = self.loss_fn(outputs, batch)
+        loss = total_loss(losses)
+        loss.backward()
+        return outputs, losses, loss
 
     @torch.no_grad()
     def recompute_bn_stats(self, n_batches: int) -> None:

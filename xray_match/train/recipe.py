@@ -78,6 +78,13 @@ class Recipe:
     mode: ClassVar[str] = "max"
     #: the columns a grid study's table reports per trial (its last epoch), after the grid's keys
     table_columns: ClassVar[tuple[str, ...]] = ("val/rsum",)
+    #: gradient caching (``train.micro_batch_size``, :mod:`xray_match.train.gradcache`): the batch
+    #: fields the encoders read with one row per item (``item_fields``) and one per caption
+    #: (``caption_fields``, rows mapped to items by ``batch["caption_image"]``). Empty: the loss is no
+    #: function of per-sample embeddings, and the config refuses the key, saying ``no_grad_cache``.
+    item_fields: ClassVar[tuple[str, ...]] = ()
+    caption_fields: ClassVar[tuple[str, ...]] = ()
+    no_grad_cache: ClassVar[str] = "its loss is not a function of per-sample embeddings"
 
     def __init__(self, cfg: Config, info: DataInfo):
         self.cfg = cfg
@@ -121,6 +128,16 @@ class Recipe:
     # ---- steps -----------------------------------------------------------------------------
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return model(batch)
+
+    def embed(self, model: nn.Module, chunk: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The outputs that carry the gradient, for a chunk of the batch (gradient caching): one row
+        per item or caption, so that the chunks' rows concatenate to the whole batch's."""
+        return self.forward(model, chunk)
+
+    def embed_once(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Outputs the loss needs beyond :meth:`embed`'s, computed once per step over the whole batch
+        without gradient (gradient caching; e.g. momentum keys)."""
+        return {}
 
     def after_step(self, model: nn.Module, loss_module: nn.Module, outputs: dict[str, Any], batch: dict[str, Any]) -> None:
         """Called after each optimizer step (momentum encoders, queues)."""
