@@ -100,6 +100,7 @@ class DSPEBase(Recipe):
     two-branch model (from ``dspe.init_checkpoint`` when set) and the loss of Eq. (5)."""
 
     section = "dspe"
+    fits_train_split = True  # tf-idf / Fisher vectors / phrase vocabulary
 
     @classmethod
     def pixels_field(cls, cfg: Config) -> str | None:

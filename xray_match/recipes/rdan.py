@@ -182,6 +182,7 @@ class RDANRecipe(Recipe):
     section = "rdan"
     metric = "val/rsum"
     mode = "max"
+    fits_train_split = True  # the vocabulary
 
     @classmethod
     def pixels_field(cls, cfg: Config) -> str | None:
