@@ -92,11 +92,11 @@ def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
     ranged read fetches a file later, as the search service does for images)."""
     last = "(start of shard)"
     try:
-        with open_url(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with open_url(url, "rb") as fh:
             sample: dict[str, Any] = {}
-            for member in tar:
-                key, ext = tariterators.base_plus_ext(member.name)
-                if member.isreg() and key is not None and not _TAR_META.match(member.name):
+            for name, offset, data in _tar_files(fh):
+                key, ext = tariterators.base_plus_ext(name)
+                if key is not None and not _TAR_META.match(name):
                     ext = ext.lower()
                     if sample and key != sample["__key__"]:
                         last = sample["__key__"]
@@ -106,10 +106,9 @@ def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
                         sample = {"__key__": key, "__url__": url}
                     if ext in sample:
                         raise ShardFormatError(f"{sample_where(sample)}: two .{ext} files")
-                    sample[ext] = tar.extractfile(member).read()
+                    sample[ext] = data
                     if positions:
-                        sample.setdefault("__positions__", {})[ext] = (int(member.offset_data), int(member.size))
-                tar.members = []  # a stream: the members read so far are not kept
+                        sample.setdefault("__positions__", {})[ext] = (offset, len(data))
             if sample:
                 last = sample["__key__"]
                 yield sample
@@ -119,6 +118,81 @@ def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
 
 #: tar members that are not sample files (WebDataset's ``__key__``-style metadata)
 _TAR_META = re.compile(r"__[^/]*__($|/)")
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files
+
+
+def _tar_files(fh: Any) -> Iterator[tuple[str, int, bytes]]:
+    """``(name, offset of its data, data)`` of each regular file of a tar stream, in order.
+
+    A reader of the POSIX formats that ``tarfile`` writes (ustar, with pax and GNU long-name
+    headers), for one forward pass: ``tarfile`` itself spends more time on each header than the
+    decoder spends on a small image (WebDataset's writer puts a pax header before every file).
+    Headers are checked by their checksum; a bad one raises :class:`tarfile.HeaderError`, a stream
+    that ends inside a header or a file :class:`EOFError`."""
+    pos = 0
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        header = fh.read(_BLOCK)
+        if not header or header == bytes(_BLOCK):
+            return  # end of archive (two zero blocks, or none where a writer left them out)
+        if len(header) < _BLOCK:
+            raise EOFError("unexpected end of data")
+        stored = _number(header[148:156])
+        if stored != 256 + sum(header[:148]) + sum(header[156:]):
+            raise tarfile.HeaderError(f"bad checksum at offset {pos}")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        pos += _BLOCK
+        data = fh.read(size)
+        if len(data) < size:
+            raise EOFError("unexpected end of data")
+        padding = -size % _BLOCK
+        if padding and len(fh.read(padding)) < padding:
+            raise EOFError("unexpected end of data")
+        offset, pos = pos, pos + size + padding
+        if kind == b"x":  # pax extended header of the next member: "<len> <key>=<value>\n" records
+            pax = _pax_records(data)
+            continue
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind in (b"g", b"K"):  # pax global header, GNU long link name: nothing for a file
+            continue
+        name = pax.get("path") or long_name or _ustar_name(header)
+        pax, long_name = {}, None
+        if kind in _REGULAR:
+            yield name, offset, data
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal text, or base-256 when its first byte has the high bit set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big") - (1 << (8 * len(field) - 8) if field[0] & 0x40 else 0)
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if prefix:
+            return f"{prefix}/{name}"
+    return name
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, at = {}, 0
+    while at < len(data) and data[at:at + 1] != b"\0":
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        at += length
+    return out
 
 
 ALL_PARTS = frozenset({"saliency", "regions", "region_boxes"})
