@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,8 +43,24 @@ class DigitScenesConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One shard folder of a mixed training stream (``data.sources``; docs/big_batches.md)."""
+
+    path: str = F("", help="shard folder or URL (s3://, gs://), as data.path")
+    weight: float = F(1.0, gt=0, help="share of the stream, relative: the sources' weights are normalised")
+    name: str = F("", help="carried by every sample and in val/<name>/ metrics; empty = the folder's last component")
+
+    @property
+    def label(self) -> str:
+        """The source's name: ``name``, or the last component of ``path``."""
+        return self.name or posixpath.basename(self.path.rstrip("/"))
+
+
+@dataclass
 class DataConfig:
     path: str = F("", help="shard folder or URL (s3://, gs://); empty = embedded digit scenes")
+    sources: list[SourceConfig] = F([], help="several shard folders mixed by weight into one stream "
+                                    "([{path, weight, name}], instead of data.path); empty = data.path alone")
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -361,6 +379,8 @@ class Config:
                 v = getattr(obj, f.name)
                 if dataclasses.is_dataclass(v):
                     walk(v, f"{prefix}{f.name}.")
+                elif isinstance(v, list) and any(dataclasses.is_dataclass(x) for x in v):
+                    out[f"{prefix}{f.name}"] = [dataclasses.asdict(x) for x in v]  # data.sources: plain data
                 else:
                     out[f"{prefix}{f.name}"] = v
 
@@ -408,6 +428,7 @@ def _cross_checks(cfg: Config) -> None:
 
     if cfg.model.name not in RECIPES:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r} (known: {', '.join(RECIPES.names())})")
+    _check_sources(cfg)
     if cfg.data.scenes.size < cfg.data.image_size // 4:
         raise ConfigError("data.scenes.size: much smaller than data.image_size")
     if cfg.moco.vision_width and (cfg.moco.vision_pretrained or cfg.moco.vision_backbone not in ("resnet10", "resnet18", "resnet34")):
@@ -447,3 +468,24 @@ def _check_micro_batch(cfg: Config) -> None:
     recipe = RECIPES.get(cfg.model.name)
     if not recipe.item_fields:
         raise ConfigError(f"train.micro_batch_size: model {cfg.model.name!r} cannot cache gradients: {recipe.no_grad_cache}")
+
+
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _check_sources(cfg: Config) -> None:
+    """``data.sources``: each with a path and a usable name, the names distinct, not beside ``data.path``."""
+    sources = cfg.data.sources
+    if sources and cfg.data.path:
+        raise ConfigError("data.sources: give data.path (one folder) or data.sources (several), not both")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(sources):
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path: empty (each source is a shard folder or URL)")
+        if not _SOURCE_NAME.match(s.label):
+            raise ConfigError(f"data.sources[{i}].name: {s.label!r} must be letters, digits, '_', '.' or '-' "
+                              f"(it names the source's val/<name>/ metrics)")
+        if s.label in seen:
+            raise ConfigError(f"data.sources[{i}].name: {s.label!r} also names data.sources[{seen[s.label]}] "
+                              f"(give each source its own name)")
+        seen[s.label] = i

@@ -167,6 +167,11 @@ def check_ranges(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(v):
             check_ranges(v, key + ".")
             continue
+        if isinstance(v, list):  # a list of sections, e.g. data.sources
+            for i, item in enumerate(v):
+                if dataclasses.is_dataclass(item):
+                    check_ranges(item, f"{key}[{i}].")
+            continue
         m = f.metadata
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if "ge" in m and not v >= m["ge"]:

@@ -130,18 +130,18 @@ def _check_s3(url: str, bucket: str, what: str, timeout_s: float) -> None:
         raise PreflightError(f"{what}: {url}: {where} answered the check of bucket {bucket!r} with: {first_line(e)}") from None
 
 
-def check_data(path: str) -> None:
-    """``data.path`` must be a folder (local, or on an object store that answers) holding a
-    finished manifest."""
+def check_data(path: str, what: str = "data.path") -> None:
+    """``data.path`` (or the source ``what``) must be a folder (local, or on an object store that
+    answers) holding a finished manifest."""
     if not path:
         return
     local = local_path(path)
     if local is None:
-        check_store(path, "data.path")
+        check_store(path, what)
     elif not os.path.isdir(local):
-        raise PreflightError(f"data.path: {path}: no such folder")
+        raise PreflightError(f"{what}: {path}: no such folder")
     if not exists(join(path, MANIFEST)):
-        raise PreflightError(f"data.path: {path}: no {MANIFEST} (convert the data first: xray-match data --help)")
+        raise PreflightError(f"{what}: {path}: no {MANIFEST} (convert the data first: xray-match data --help)")
     read_manifest(path)  # refuses an unfinished or malformed one, naming it
 
 
@@ -158,6 +158,8 @@ def check_storage(cfg: Config) -> None:
 def preflight(cfg: Config) -> None:
     """Everything a job checks before Ray starts (the config itself was validated on load)."""
     check_data(cfg.data.path)
+    for i, source in enumerate(cfg.data.sources):
+        check_data(source.path, f"data.sources[{i}].path")
     check_storage(cfg)
     if cfg.tracking.enabled:
         from xray_match.tracking.store import resolve_tracking_uri

@@ -16,6 +16,14 @@ batch. A checkpoint stores the positions the loop has consumed; ``start`` positi
 stream skip exactly those raw items (read, not decoded), so a run resumed in the middle of an
 epoch sees the samples it would have seen: none repeated, none skipped.
 
+Several shard folders read as one stream (``data.sources``): each source is split over ranks and
+workers, shuffled and cycled on its own, exactly as a lone folder is, and each next raw item's source
+is drawn by weight from a generator seeded like the others by (seed, epoch, reader slot), ahead of
+the one shuffle buffer. A small source simply comes round more often: the proportions hold at any
+length (no epoch skew), and a reader's position still counts raw items of the mixed stream, so a
+resume replays the draws while it skips. Every item of a mixed stream carries its ``"source"``
+name, which the collate moves onto the batch as a list.
+
 Corrupt input raises :class:`ShardFormatError` naming shard and key. With ``skip_corrupt`` the
 sample is dropped instead, and the count rides on the next good item as ``"_skipped"`` (so it
 survives DataLoader worker processes) for the loop to sum and report.
@@ -25,11 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import random
 import re
 import tarfile
-from typing import Any, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +64,26 @@ def shard_urls(root: str, split: str, manifest: Manifest | None = None) -> list[
     return [join(root, s.name) for s in manifest.shards(split)]
 
 
+@dataclass(frozen=True)
+class Source:
+    """One shard folder of a mixed stream: the name its samples carry, where it is, its share
+    (relative; the weights of a stream's sources are normalised)."""
+
+    name: str
+    root: str
+    weight: float = 1.0
+
+
+def has_saliency(root: str, split: str, manifest: Manifest | None = None) -> bool:
+    """Whether a folder's samples carry saliency maps, from the first sample of ``split`` (a
+    converter writes a map for every sample or for none: SALICON and the digit scenes have them,
+    COCO and Flickr30k do not)."""
+    for url in shard_urls(root, split, manifest):
+        for raw in iter_raw(url):
+            return "saliency.png" in raw
+    return False
+
+
 def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
     """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard (local or fsspec URL):
     consecutive files grouped by key as WebDataset groups them (the key is the path up to the file
@@ -62,11 +92,11 @@ def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
     ranged read fetches a file later, as the search service does for images)."""
     last = "(start of shard)"
     try:
-        with open_url(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with open_url(url, "rb") as fh:
             sample: dict[str, Any] = {}
-            for member in tar:
-                key, ext = tariterators.base_plus_ext(member.name)
-                if member.isreg() and key is not None and not _TAR_META.match(member.name):
+            for name, offset, data in _tar_files(fh):
+                key, ext = tariterators.base_plus_ext(name)
+                if key is not None and not _TAR_META.match(name):
                     ext = ext.lower()
                     if sample and key != sample["__key__"]:
                         last = sample["__key__"]
@@ -76,10 +106,9 @@ def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
                         sample = {"__key__": key, "__url__": url}
                     if ext in sample:
                         raise ShardFormatError(f"{sample_where(sample)}: two .{ext} files")
-                    sample[ext] = tar.extractfile(member).read()
+                    sample[ext] = data
                     if positions:
-                        sample.setdefault("__positions__", {})[ext] = (int(member.offset_data), int(member.size))
-                tar.members = []  # a stream: the members read so far are not kept
+                        sample.setdefault("__positions__", {})[ext] = (offset, len(data))
             if sample:
                 last = sample["__key__"]
                 yield sample
@@ -89,6 +118,81 @@ def iter_raw(url: str, positions: bool = False) -> Iterator[dict[str, Any]]:
 
 #: tar members that are not sample files (WebDataset's ``__key__``-style metadata)
 _TAR_META = re.compile(r"__[^/]*__($|/)")
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files
+
+
+def _tar_files(fh: Any) -> Iterator[tuple[str, int, bytes]]:
+    """``(name, offset of its data, data)`` of each regular file of a tar stream, in order.
+
+    A reader of the POSIX formats that ``tarfile`` writes (ustar, with pax and GNU long-name
+    headers), for one forward pass: ``tarfile`` itself spends more time on each header than the
+    decoder spends on a small image (WebDataset's writer puts a pax header before every file).
+    Headers are checked by their checksum; a bad one raises :class:`tarfile.HeaderError`, a stream
+    that ends inside a header or a file :class:`EOFError`."""
+    pos = 0
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        header = fh.read(_BLOCK)
+        if not header or header == bytes(_BLOCK):
+            return  # end of archive (two zero blocks, or none where a writer left them out)
+        if len(header) < _BLOCK:
+            raise EOFError("unexpected end of data")
+        stored = _number(header[148:156])
+        if stored != 256 + sum(header[:148]) + sum(header[156:]):
+            raise tarfile.HeaderError(f"bad checksum at offset {pos}")
+        kind = header[156:157]
+        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        pos += _BLOCK
+        data = fh.read(size)
+        if len(data) < size:
+            raise EOFError("unexpected end of data")
+        padding = -size % _BLOCK
+        if padding and len(fh.read(padding)) < padding:
+            raise EOFError("unexpected end of data")
+        offset, pos = pos, pos + size + padding
+        if kind == b"x":  # pax extended header of the next member: "<len> <key>=<value>\n" records
+            pax = _pax_records(data)
+            continue
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind in (b"g", b"K"):  # pax global header, GNU long link name: nothing for a file
+            continue
+        name = pax.get("path") or long_name or _ustar_name(header)
+        pax, long_name = {}, None
+        if kind in _REGULAR:
+            yield name, offset, data
+
+
+def _number(field: bytes) -> int:
+    """A numeric header field: octal text, or base-256 when its first byte has the high bit set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big") - (1 << (8 * len(field) - 8) if field[0] & 0x40 else 0)
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if prefix:
+            return f"{prefix}/{name}"
+    return name
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, at = {}, 0
+    while at < len(data) and data[at:at + 1] != b"\0":
+        space = data.index(b" ", at)
+        length = int(data[at:space])
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        at += length
+    return out
 
 
 ALL_PARTS = frozenset({"saliency", "regions", "region_boxes"})
@@ -162,11 +266,15 @@ def _npy(raw: dict[str, Any], ext: str, where: str) -> np.ndarray | None:
 
 
 class ShardStream(IterableDataset):
-    """This rank's (and DataLoader worker's) part of a split, decoded and transformed."""
+    """This rank's (and DataLoader worker's) part of a split, decoded and transformed.
+
+    ``urls``: one folder's shards, or ``{source name: its shards}`` for a mixed stream, whose
+    training items come from each source in proportion to ``weights`` (equal when not given) and
+    whose evaluation items visit every source's samples once, source after source."""
 
     def __init__(
         self,
-        urls: list[str],
+        urls: list[str] | Mapping[str, list[str]],
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         *,
         train: bool,
@@ -177,10 +285,20 @@ class ShardStream(IterableDataset):
         epoch: int = 0,
         skip_corrupt: bool = False,
         start: dict[int, int] | None = None,
+        weights: Sequence[float] | None = None,
     ):
-        if not urls:
-            raise ShardFormatError("no shards to read")
-        self.urls = list(urls)
+        # (source name, its shards); one unnamed part for a lone folder, whose items carry no name
+        self.parts: list[tuple[str | None, list[str]]] = (
+            [(name, list(u)) for name, u in urls.items()] if isinstance(urls, Mapping) else [(None, list(urls))])
+        for name, part in self.parts:
+            if not part:
+                raise ShardFormatError("no shards to read" + (f" in source {name!r}" if name else ""))
+        weights = list(weights) if weights is not None else [1.0] * len(self.parts)
+        if len(weights) != len(self.parts) or not all(w > 0 for w in weights):
+            raise ValueError(f"weights {weights}: one positive weight per source ({len(self.parts)})")
+        self.weights = [w / sum(weights) for w in weights]
+        self.urls = [u for _, part in self.parts for u in part]
+        self._shard_index = {u: i for _, part in self.parts for i, u in enumerate(part)}
         self.transform = transform
         self.train = train
         self.rank, self.world_size = rank, world_size
@@ -194,19 +312,26 @@ class ShardStream(IterableDataset):
         wid, nw = (wi.id, wi.num_workers) if wi else (0, 1)
         return self.rank * nw + wid, self.world_size * nw
 
-    def _plan(self) -> tuple[list[str], int, int]:
-        """(shards to open, sample stride, sample offset) for this reader."""
+    def _plan(self, urls: list[str]) -> tuple[list[str], int, int]:
+        """(shards to open, sample stride, sample offset) of one source for this reader."""
         slot, slots = self._reader_slot()
-        if len(self.urls) >= slots:
+        if len(urls) >= slots:
             # rank-major, then worker: shards[rank::world][worker::workers]
             wi = get_worker_info()
             wid, nw = (wi.id, wi.num_workers) if wi else (0, 1)
-            return self.urls[self.rank :: self.world_size][wid::nw], 1, 0
-        return self.urls, slots, slot  # too few shards: round-robin over samples
+            return urls[self.rank :: self.world_size][wid::nw], 1, 0
+        return urls, slots, slot  # too few shards: round-robin over samples
 
-    def _samples(self, urls: list[str], stride: int, offset: int) -> Iterator[dict[str, Any]]:
+    def _samples(self, urls: list[str], stride: int, offset: int, name: str | None,
+                 owned: bool = False) -> Iterator[dict[str, Any]]:
+        """The samples of ``urls`` at ``offset`` modulo ``stride``: counted across the shards in the
+        order given (evaluation), or, ``owned``, from each shard's own index in its source, so that
+        whichever order a reader's pass takes its shards in, it reads the same samples and no other
+        reader does (training readers shuffle the order each with its own generator)."""
         n = 0
         for url in urls:
+            if owned:
+                n = self._shard_index[url]
             it = iter_raw(url)
             while True:
                 try:
@@ -219,32 +344,55 @@ class ShardStream(IterableDataset):
                     yield {"_error": str(e)}
                     break
                 if n % stride == offset:
+                    if name is not None:
+                        raw["__source__"] = name
                     yield raw
                 n += 1
 
-    def _stream(self) -> Iterator[dict[str, Any]]:
-        urls, stride, offset = self._plan()
-        slot, _ = self._reader_slot()
-        if not self.train:
-            yield from self._samples(urls, stride, offset)
-            return
-        rng = seeded_rng(self.seed, self.epoch, slot, "shards")
+    def _endless(self, name: str | None, urls: list[str], slot: int) -> Iterator[dict[str, Any]]:
+        """One source's training stream: its shards reshuffled at each pass, for ever."""
+        urls, stride, offset = self._plan(urls)
+        rng = seeded_rng(self.seed, self.epoch, slot, "shards", *([name] if name is not None else []))
         while True:  # endless: the loop decides how many steps make an epoch
             order = urls[:]
             rng.shuffle(order)
             produced = False
-            for raw in self._samples(order, stride, offset):
+            for raw in self._samples(order, stride, offset, name, owned=True):
                 produced = True
                 yield raw
             if not produced:
-                raise ShardFormatError(f"reader {slot}: its shards yielded no samples")
+                of = f" of source {name!r}" if name is not None else ""
+                raise ShardFormatError(f"reader {slot}: its shards{of} yielded no samples")
+
+    def _stream(self) -> Iterator[dict[str, Any]]:
+        slot, _ = self._reader_slot()
+        if not self.train:
+            for name, urls in self.parts:
+                yield from self._samples(*self._plan(urls), name)
+            return
+        streams = [self._endless(name, urls, slot) for name, urls in self.parts]
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        # each next item's source by weight, from a generator of (seed, epoch, slot) alone: a resume
+        # that skips n items replays the same n draws
+        rng = seeded_rng(self.seed, self.epoch, slot, "mix")
+        which, cum = range(len(streams)), list(itertools.accumulate(self.weights))
+        while True:
+            yield next(streams[rng.choices(which, cum_weights=cum)[0]])
+
+    def raw(self) -> Iterator[dict[str, Any]]:
+        """This reader's raw items (``{"__key__", ext: bytes, ...}``, a mixed stream's with
+        ``"__source__"``) in the order it decodes them, shuffle buffer included, from the start."""
+        slot, _ = self._reader_slot()
+        source = self._stream()
+        if self.train and self.shuffle_buffer > 1:
+            source = _buffer_shuffle(source, self.shuffle_buffer, seeded_rng(self.seed, self.epoch, slot, "buffer"))
+        return source
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         slot, _ = self._reader_slot()
-        rng = seeded_rng(self.seed, self.epoch, slot, "buffer")
-        source = self._stream()
-        if self.train and self.shuffle_buffer > 1:
-            source = _buffer_shuffle(source, self.shuffle_buffer, rng)
+        source = self.raw()
         pos = self.start.get(slot, 0) if self.train else 0
         for _ in range(pos):  # resume: the raw items this reader already gave out (read, not decoded)
             next(source)
@@ -271,6 +419,8 @@ class ShardStream(IterableDataset):
             if skipped:
                 item["_skipped"] = skipped
                 skipped = 0
+            if "__source__" in raw:
+                item["source"] = raw["__source__"]
             if self.train:
                 item["_pos"], item["_key"] = (slot, pos), raw["__key__"]
             yield item
@@ -324,7 +474,7 @@ def _buffer_shuffle(source: Iterator[dict[str, Any]], size: int, rng: random.Ran
 
 
 def make_loader(
-    root: str,
+    root: str | Sequence[Source],
     split: str,
     transform: Callable[[dict[str, Any]], dict[str, Any]] | None,
     collate: Callable[[list[dict[str, Any]]], Any] | None,
@@ -342,18 +492,24 @@ def make_loader(
     start: dict[int, int] | None = None,
     taken: int = 0,
 ) -> Iterable[Any]:
-    """A DataLoader over this rank's part of ``split``. Training batches are full (drop_last).
+    """A DataLoader over this rank's part of ``split`` of the folder ``root``, or of several
+    :class:`Source` folders mixed into one stream. Training batches are full (drop_last).
 
     Resuming a training stream where a checkpoint left it: ``start`` (reader slot -> raw items
     already taken, from :func:`batch_positions`) and ``taken``, the batches this rank had taken. The
     DataLoader hands out its workers' batches in turn from worker 0; after ``taken`` batches the
     next one is worker ``taken % workers``'s, so the stream is rotated to start there."""
-    urls = shard_urls(root, split, manifest)
+    if isinstance(root, str):
+        urls: list[str] | dict[str, list[str]] = shard_urls(root, split, manifest)
+        weights = None
+    else:
+        urls = {s.name: shard_urls(s.root, split) for s in root}
+        weights = [s.weight for s in root]
     ds = ShardStream(
         urls, transform, train=train, rank=rank, world_size=world_size, shuffle_buffer=shuffle_buffer,
-        seed=seed, epoch=epoch, skip_corrupt=skip_corrupt, start=start,
+        seed=seed, epoch=epoch, skip_corrupt=skip_corrupt, start=start, weights=weights,
     )
-    workers = loader_workers(len(urls), world_size, num_workers)
+    workers = loader_workers(len(ds.urls), world_size, num_workers)
     loader = DataLoader(
         ds,
         batch_size=batch_size,
@@ -373,7 +529,9 @@ def make_loader(
 
 
 def loader_workers(n_shards: int, world_size: int, num_workers: int) -> int:
-    """DataLoader workers per rank: more than the rank's shards would idle (webdataset#392)."""
+    """DataLoader workers per rank: more than the rank's shards would idle (webdataset#392). A mixed
+    stream counts the shards of all its sources (a source with fewer shards than readers is split
+    by sample instead)."""
     return min(num_workers, max(1, n_shards // world_size))
 
 
@@ -414,13 +572,14 @@ class _Rotated:
 class _CountingCollate:
     """Moves the items' bookkeeping onto the batch (dict batches) before collating: the
     ``_skipped`` counters summed, the reader positions as ``{slot: furthest position}`` and the
-    shard keys as a list (``_pos``, ``_keys``; training items only)."""
+    shard keys as a list (``_pos``, ``_keys``; training items only), and a mixed stream's source
+    names as the list ``source``."""
 
     def __init__(self, collate: Callable[[list[dict[str, Any]]], Any] | None):
         self.collate = collate
 
     def __call__(self, items: list[dict[str, Any]]) -> Any:
-        skipped, pos, keys = 0, {}, []
+        skipped, pos, keys, sources = 0, {}, [], []
         for it in items:
             if isinstance(it, dict):
                 skipped += int(it.pop("_skipped", 0))
@@ -428,9 +587,13 @@ class _CountingCollate:
                     slot, n = it.pop("_pos")
                     pos[slot] = max(n, pos.get(slot, 0))
                     keys.append(it.pop("_key"))
+                if self.collate and "source" in it:  # without a collate the items keep theirs
+                    sources.append(it.pop("source"))
         batch = self.collate(items) if self.collate else items
         if isinstance(batch, dict):
             batch["_skipped"] = skipped
             if pos:
                 batch["_pos"], batch["_keys"] = pos, keys
+            if sources:
+                batch["source"] = sources
         return batch

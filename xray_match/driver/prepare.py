@@ -1,14 +1,16 @@
 """Driver-side preparation before any worker starts: resolve (or build) the data, read the
-manifest, and run the recipe's train-split-only ``prepare``."""
+manifests (one folder's, or each of ``data.sources``), check them against the config, and run the
+recipe's train-split-only ``prepare``."""
 
 from __future__ import annotations
 
 import functools
 
 from xray_match.config import Config, ConfigError, xray_home
-from xray_match.data.format import ShardFormatError, read_manifest
+from xray_match.data.format import Manifest, ShardFormatError, read_manifest
+from xray_match.data.reader import has_saliency
 from xray_match.registry import RECIPES
-from xray_match.train.recipe import DataInfo
+from xray_match.train.recipe import DataInfo, Recipe
 
 
 def default_data_path(cfg: Config) -> str:
@@ -36,9 +38,43 @@ def resolve_data(cfg: Config, progress: bool = True) -> str:
 
 
 def prepare_info(cfg: Config, progress: bool = True) -> DataInfo:
-    root = resolve_data(cfg, progress)
-    manifest = read_manifest(root)
+    """The data a run reads (``data.path``, the digit scenes, or the ``data.sources`` mixed by
+    weight), checked against what the config asks of it, and the recipe's ``prepare``."""
     recipe = RECIPES.get(cfg.model.name)
+    if cfg.data.sources and recipe.fits_train_split:
+        raise ConfigError(f"data.sources: {cfg.model.name} fits its text features on one folder's train split, so it "
+                          f"reads one folder (data.path); mixing sources is for moco and grounding")
+    folders = [(s.label, s.path, s.weight) for s in cfg.data.sources] or [("", resolve_data(cfg, progress), 1.0)]
+    manifests = [read_manifest(root) for _, root, _ in folders]
+    for (_, root, _), manifest in zip(folders, manifests):
+        _check_folder(cfg, recipe, root, manifest)
+    sources = [{"name": name, "root": root, "weight": weight / sum(w for *_, w in folders),
+                "counts": {sp: m.count(sp) for sp in m.splits}} for (name, root, weight), m in zip(folders, manifests)]
+    counts: dict[str, int] = {}
+    for s in sources:
+        for sp, n in s["counts"].items():
+            counts[sp] = counts.get(sp, 0) + n
+    n_shards = sum(len(m.shards(cfg.data.train_split)) for m in manifests)
+    if cfg.data.steps_per_epoch == 0 and counts[cfg.data.train_split] < cfg.data.batch_size * cfg.ray.num_workers:
+        raise ConfigError(f"data.batch_size: the train split ({counts[cfg.data.train_split]}) is smaller than one global batch")
+    gaze = recipe.saliency_field(cfg)
+    if gaze and not any(has_saliency(root, cfg.data.train_split, m) for (_, root, _), m in zip(folders, manifests)):
+        value = functools.reduce(getattr, gaze.split("."), cfg)
+        raise ConfigError(f"{gaze}: {value} applies gaze to samples with a saliency map, and no sample of "
+                          f"{', '.join(root for _, root, _ in folders)} has one (add a source with maps, e.g. "
+                          f"SALICON, or set {gaze}=0)")
+    if cfg.data.sources:
+        info = DataInfo(root=", ".join(s["root"] for s in sources), dataset="+".join(m.dataset for m in manifests),
+                        counts=counts, sources=sources)
+    else:
+        info = DataInfo(root=folders[0][1], dataset=manifests[0].dataset, counts=counts)
+    info.prepared = recipe.prepare(cfg, info.root)
+    info.prepared.setdefault("train_shards", n_shards)
+    return info
+
+
+def _check_folder(cfg: Config, recipe: type[Recipe], root: str, manifest: Manifest) -> None:
+    """One folder against the config: pixels where the run decodes images, the train and val splits."""
     needs = recipe.pixels_field(cfg)
     if needs and not manifest.has_pixels:
         value = functools.reduce(getattr, needs.split("."), cfg)
@@ -48,11 +84,3 @@ def prepare_info(cfg: Config, progress: bool = True) -> DataInfo:
         split = getattr(cfg.data, key)
         if split not in manifest.splits:
             raise ConfigError(f"data.{key}: split {split!r} not in {root} (have: {', '.join(sorted(manifest.splits))})")
-    counts = {sp: manifest.count(sp) for sp in manifest.splits}
-    n_shards = len(manifest.shards(cfg.data.train_split))
-    if cfg.data.steps_per_epoch == 0 and counts[cfg.data.train_split] < cfg.data.batch_size * cfg.ray.num_workers:
-        raise ConfigError(f"data.batch_size: the train split ({counts[cfg.data.train_split]}) is smaller than one global batch")
-    info = DataInfo(root=root, dataset=manifest.dataset, counts=counts)
-    info.prepared = recipe.prepare(cfg, root)
-    info.prepared.setdefault("train_shards", n_shards)
-    return info

@@ -101,6 +101,7 @@ class DSPEBase(Recipe):
 
     section = "dspe"
     item_fields, caption_fields = ("image",), ("text",)
+    fits_train_split = True  # tf-idf / Fisher vectors / phrase vocabulary
 
     @classmethod
     def pixels_field(cls, cfg: Config) -> str | None:

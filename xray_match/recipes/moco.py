@@ -110,6 +110,11 @@ class MocoRecipe(Recipe):
                      "train/avg_similarity", "val/rsum", "val/image_spread", "train/samples_per_s")
     item_fields, caption_fields = ("image",), ("input_ids", "attention_mask")
 
+    @classmethod
+    def saliency_field(cls, cfg: Config) -> str | None:
+        """Gaze (Eq. (2)) multiplies an image by its saliency map: samples without one go unchanged."""
+        return "moco.gaze_prob" if cfg.moco.gaze_prob > 0 else None
+
     def build_model(self) -> nn.Module:
         m = self.cfg.moco
         vision, vdim = build_resnet(m.vision_backbone, m.vision_pretrained, m.vision_width)

@@ -184,6 +184,7 @@ class RDANRecipe(Recipe):
                      "of per-sample embeddings (docs/big_batches.md)")
     metric = "val/rsum"
     mode = "max"
+    fits_train_split = True  # the vocabulary
 
     @classmethod
     def pixels_field(cls, cfg: Config) -> str | None:

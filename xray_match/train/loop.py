@@ -298,11 +298,16 @@ class Trainer:
 
 
 def split_loader(recipe: Recipe, split: str, train: bool, *, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, start: dict[int, int] | None = None, taken: int = 0) -> Iterable[dict[str, Any]]:
-    """Batches of ``split`` for this rank through the recipe's transform and collate."""
+                 epoch: int = 0, start: dict[int, int] | None = None, taken: int = 0,
+                 source: str | None = None) -> Iterable[dict[str, Any]]:
+    """Batches of ``split`` for this rank through the recipe's transform and collate: of the run's
+    folder, of its sources mixed, or (``source``) of the one source of that name."""
     cfg, d = recipe.cfg, recipe.cfg.data
+    data = recipe.info.stream()
+    if source is not None:
+        data = [s for s in data if s.name == source]
     return make_loader(
-        recipe.info.root, split, recipe.transform(train), recipe.collate,
+        data, split, recipe.transform(train), recipe.collate,
         batch_size=d.batch_size if train else d.eval_batch_size, train=train, rank=rank,
         world_size=world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
         seed=cfg.train.seed, epoch=epoch, skip_corrupt=d.skip_corrupt, start=start, taken=taken,
@@ -314,14 +319,23 @@ def evaluate_split(recipe: Recipe, model: nn.Module, split: str, *, rank: int = 
                    device: torch.device | None = None, autocast: Callable[[], Any] = contextlib.nullcontext,
                    out_dir: str | None = None) -> tuple[dict[str, float], list[str]]:
     """The recipe's metrics of ``model`` over the whole split, prefixed ``val/`` for the validation
-    split and ``<split>/`` otherwise, and the figures rank 0 wrote into ``out_dir``."""
+    split and ``<split>/`` otherwise, and the figures rank 0 wrote into ``out_dir``.
+
+    A mixed run's split is every source's samples together (``val/rsum``: retrieval among all of
+    them), and then each source's on its own (``val/<source>/rsum``), without figures."""
     device = device or torch.device("cpu")
     model.eval()
-    ctx = EvalContext(rank, world_size, device, autocast, out_dir)
-    batches = (move_to(b, device) for b in split_loader(recipe, split, train=False, rank=rank, world_size=world_size))
-    metrics = recipe.evaluate(model, batches, ctx)
     prefix = "val" if split == recipe.cfg.data.val_split else split
-    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}, ctx.artifacts
+    out: dict[str, float] = {}
+    artifacts: list[str] = []
+    for source in [None, *(s["name"] for s in recipe.info.sources)]:
+        ctx = EvalContext(rank, world_size, device, autocast, out_dir if source is None else None)
+        batches = (move_to(b, device) for b in split_loader(recipe, split, train=False, rank=rank,
+                                                            world_size=world_size, source=source))
+        metrics = recipe.evaluate(model, batches, ctx)
+        out |= {f"{prefix}/{source + '/' if source else ''}{k}": float(v) for k, v in metrics.items()}
+        artifacts += ctx.artifacts
+    return out, artifacts
 
 
 def _batch_size(batch: Any) -> int:

@@ -21,23 +21,37 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from xray_match.config import Config
 
+if TYPE_CHECKING:
+    from xray_match.data.reader import Source
+
 
 @dataclass
 class DataInfo:
     """What a recipe knows about the data before training: where it is, split sizes, and the
-    driver-side ``prepared`` state (e.g. a vocabulary built from training captions only)."""
+    driver-side ``prepared`` state (e.g. a vocabulary built from training captions only).
+
+    A mixed run (``data.sources``) lists its folders in ``sources`` as plain data (``{"name",
+    "root", "weight" (normalised), "counts"}``); ``root`` then only describes them (the roots,
+    comma-separated), ``dataset`` joins their data sets with ``+`` and ``counts`` sums theirs."""
 
     root: str
     dataset: str
     counts: dict[str, int]
     prepared: dict[str, Any] = field(default_factory=dict)
+    sources: list[dict[str, Any]] = field(default_factory=list)
+
+    def stream(self) -> "str | list[Source]":
+        """What the reader streams: the folder ``root``, or the mixed sources."""
+        from xray_match.data.reader import Source
+
+        return [Source(s["name"], s["root"], s["weight"]) for s in self.sources] if self.sources else self.root
 
 
 @dataclass
@@ -85,6 +99,9 @@ class Recipe:
     item_fields: ClassVar[tuple[str, ...]] = ()
     caption_fields: ClassVar[tuple[str, ...]] = ()
     no_grad_cache: ClassVar[str] = "its loss is not a function of per-sample embeddings"
+    #: whether :meth:`prepare` fits something on the train split (a vocabulary, tf-idf): such a
+    #: method reads one folder, and ``data.sources`` is refused for it before any worker starts
+    fits_train_split: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, info: DataInfo):
         self.cfg = cfg
@@ -104,6 +121,13 @@ class Recipe:
         shards converted without pixels (manifest ``info.convert.pixels`` false) before any worker
         starts. Every recipe but those with a precomputed-feature option reads pixels."""
         return "model.name"
+
+    @classmethod
+    def saliency_field(cls, cfg: Config) -> str | None:
+        """The config field that makes this run use saliency maps (gaze), or None.
+        :func:`~xray_match.driver.prepare.prepare_info` refuses such a run when no source's samples
+        have maps, before any worker starts; with some that have, it applies to those samples only."""
+        return None
 
     # ---- builders --------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
