@@ -127,7 +127,8 @@ def test_users_path_end_to_end(cluster, mlflow_env):
     server -> a fresh process on a worker node looks it up and ranks with it."""
     env, bucket = cluster["env"], cluster["bucket"]
     log = submit(cluster, ["jobs/tune_moco.py", "--data", cluster["data"], "--storage-path", f"s3://{bucket}/ray",
-                       "--num-samples", "1", "--name", "study-e2e", "tune.trial_epochs=1", "train.epochs=1", *SMALL])
+                       "--num-samples", "1", "--name", "study-e2e", "tune.trial_epochs=1", "train.epochs=1",
+                       "tune.trial_workers=2", *SMALL])  # a cluster's trials: TorchTrainers over the nodes
     assert "=== xray_match tune ===" in log, log[-3000:]
     assert "fixed for every trial (given on the command line): " in log  # SMALL's data.batch_size
     assert "GetTimeoutError" not in log  # Train's coordinator is up before the first trainer asks it
