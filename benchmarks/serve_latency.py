@@ -21,10 +21,12 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -71,11 +73,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> tuple[list[float], int, float]:
-    """Bounded closed-loop load on loopback -> (latencies in ms after warm-up, errors, measured seconds)."""
+def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> dict[str, Any]:
+    """Bounded closed-loop load on loopback -> client latencies (ms, after warm-up), the server's own
+    time per request (its ``ms`` field: from the handler to the batch's answer), errors and seconds."""
     start = time.monotonic()
     t_measure, t_end = start + warmup, start + warmup + duration
     lat: list[list[float]] = [[] for _ in range(clients)]
+    inside: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
 
     def client(i: int) -> None:
@@ -88,15 +92,17 @@ def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> tu
                 conn.request("POST", "/api/search/text", body, {"Content-Type": "application/json"})
                 r = conn.getresponse()
                 payload = r.read()
-                ok = r.status == 200 and len(json.loads(payload)["results"]) == k
-            except (OSError, http.client.HTTPException, ValueError):
+                ms = 1000 * (time.perf_counter() - t0)
+                answer = json.loads(payload)
+                ok = r.status == 200 and len(answer["results"]) == k
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
                 ok = False
                 conn.close()
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-            ms = 1000 * (time.perf_counter() - t0)
             if now >= t_measure:
                 if ok:
                     lat[i].append(ms)
+                    inside[i].append(answer["ms"])
                 else:
                     errors[i] += 1
         conn.close()
@@ -106,15 +112,66 @@ def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> tu
         t.start()
     for t in threads:
         t.join(timeout=warmup + duration + 120)
-    return [x for xs in lat for x in xs], sum(errors), duration
+    return {"lat": [x for xs in lat for x in xs], "inside": [x for xs in inside for x in xs],
+            "errors": sum(errors), "seconds": duration}
 
 
-def parts_alone(model_dir: str, index_dir: str, k: int, reps: int = 50) -> dict[str, float]:
-    """Per-query milliseconds of the text tower and of the faiss search, in this process."""
+def bare_server(model: str, index: str, port: int, threads: int, tracking_uri: str | None) -> None:
+    """The plain alternative: the same Searcher (text tower + faiss index) behind one uvicorn +
+    FastAPI process, one query per call, FastAPI's thread pool for the blocking work."""
+    import faiss
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+
+    from xray_match.serve.search import Searcher
+    from xray_match.tracking.models import resolve
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    searcher = Searcher.load(resolve(model, tracking_uri), index)
+    app = FastAPI()
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/search/text")
+    def search_text(body: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        (hits,) = searcher.text_to_images([body["text"].strip()], int(body.get("k", 10)))
+        return {"results": hits, "query": body["text"], "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def wait_healthy(port: int, proc: subprocess.Popen | None = None, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the bare server exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing healthy on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def parts_alone(model_dir: str, index_dir: str, k: int, threads: int, reps: int = 50) -> dict[str, float]:
+    """Per-query milliseconds of the text tower and of the faiss search, in this process, on
+    ``threads`` threads (as the bare server and a replica of num_cpus 1 run them)."""
+    import faiss
+    import torch
+
     from xray_match.serve.index import SearchIndex
     from xray_match.serve.model import embed_texts, load_embedder
     from xray_match.tracking.models import resolve
 
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
     model = load_embedder(resolve(model_dir))
     index = SearchIndex.load(index_dir)
     embed_texts(model, QUERIES[:2])
@@ -128,8 +185,33 @@ def parts_alone(model_dir: str, index_dir: str, k: int, reps: int = 50) -> dict[
     return {"text tower": 1000 * tower, "faiss search": 1000 * search}
 
 
+def setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a :class:`ServeConfig` field, the value typed as the field is."""
+    import dataclasses
+    import typing
+
+    from xray_match.serve.config import ServeConfig
+
+    key, sep, value = text.partition("=")
+    hints = typing.get_type_hints(ServeConfig)
+    if not sep or key not in {f.name for f in dataclasses.fields(ServeConfig)}:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ServeConfig field")
+    tp = hints[key]
+    return key, tp(value) if tp in (int, float) else value
+
+
+def row(name: str, m: dict[str, Any]) -> dict[str, float]:
+    p50, p90, p99 = np.percentile(m["lat"], [50, 90, 99])
+    out = {"p50": p50, "p90": p90, "p99": p99, "qps": len(m["lat"]) / m["seconds"],
+           "inside": float(np.median(m["inside"])), "n": len(m["lat"]), "errors": m["errors"]}
+    print(f"{name:<28}{p50:>9.2f}{p90:>9.2f}{p99:>9.2f}{out['inside']:>11.2f}{out['qps']:>9.1f}{out['n']:>9}{m['errors']:>7}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("settings", nargs="*", type=setting, metavar="KEY=VALUE",
+                   help="ServeConfig fields for our service (e.g. max_batch_size=8 num_cpus=2)")
     p.add_argument("--images", type=int, default=100_000)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--warmup", type=float, default=5.0)
@@ -137,54 +219,80 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--model", help="a registered model or checkpoint (default: moco_cpu at initial weights)")
     p.add_argument("--tracking-uri")
-    p.add_argument("--max-batch-size", type=int, default=None, help="ServeConfig.max_batch_size")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="ServeConfig.batch_wait_timeout_s")
+    p.add_argument("--bare-threads", type=int, default=1, help="torch and faiss threads of the bare server")
+    p.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable of the Ray cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--bare-serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    p.add_argument("--index", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.bare_serve:
+        bare_server(args.model, args.index, args.bare_serve, args.bare_threads, args.tracking_uri)
+        return 0
     from xray_match.runtime_env import worker_env, worker_env_vars
 
     worker_env()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for item in args.ray_env:
+        name, _, value = item.partition("=")
+        os.environ[name] = value  # before Ray starts: the controller, ingress and replicas inherit it
     import ray
     from ray import serve
 
-    from xray_match.serve.app import APP_NAME, preflight, run
+    from xray_match.serve.app import APP_NAME, preflight, run, use_ray_env
+    from xray_match.serve.config import ServeConfig, build_settings
     from xray_match.serve.model import embed_texts, load_embedder
     from xray_match.tracking.models import resolve
 
+    measured: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="serve-latency-") as tmp:
         model = args.model or untrained_checkpoint(os.path.join(tmp, "model"))
         dim = embed_texts(load_embedder(resolve(model, args.tracking_uri)), ["a"]).shape[1]
         t0 = time.perf_counter()
         index = synthetic_index(os.path.join(tmp, "index"), args.images, dim)
         print(f"index: {args.images} synthetic vectors of dim {dim}, exact inner product ({time.perf_counter() - t0:.1f} s)")
-        parts = parts_alone(model, index, args.k)
+        parts = parts_alone(model, index, args.k, args.bare_threads)
+
         port = free_port()
-        settings = {"port": port, "poll_s": 0, "min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
-                    "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+        cmd = [sys.executable, os.path.abspath(__file__), "--bare-serve", str(port), "--model", model, "--index", index,
+               "--bare-threads", str(args.bare_threads)] + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])
+        bare = subprocess.Popen(cmd)
+        try:
+            wait_healthy(port, bare)
+            measured["bare"] = drive(port, args.clients, args.warmup, args.duration, args.k)
+        finally:
+            bare.terminate()
+            bare.wait(timeout=30)
+
+        settings = {"port": free_port(), "poll_s": 0, "min_replicas": 1, "max_replicas": 1} | dict(args.settings)
+        ray_env = use_ray_env(build_settings(ServeConfig, settings, "serve."))  # as `xray-match serve` does
         ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": worker_env_vars()})
         try:
             t0 = time.perf_counter()
-            run(*preflight(model, index, args.tracking_uri), {k: v for k, v in settings.items() if v is not None})
-            print(f"service up on 127.0.0.1:{port} in {time.perf_counter() - t0:.1f} s")
-            lat, errors, seconds = drive(port, args.clients, args.warmup, args.duration, args.k)
+            url = run(*preflight(model, index, args.tracking_uri), settings)
+            print(f"service up at {url} in {time.perf_counter() - t0:.1f} s")
+            measured["ours"] = drive(settings["port"], args.clients, args.warmup, args.duration, args.k)
         finally:
             try:
                 serve.delete(APP_NAME)
                 serve.shutdown()
             finally:
                 ray.shutdown()
-    if not lat:
-        print(f"no successful requests ({errors} errors)")
+    if not measured["ours"]["lat"] or not measured["bare"]["lat"]:
+        print(f"no successful requests (errors: bare {measured['bare']['errors']}, ours {measured['ours']['errors']})")
         return 1
-    p50, p90, p99 = np.percentile(lat, [50, 90, 99])
-    qps = len(lat) / seconds
-    print(f"\n{'what':<28}{'ms':>10}")
+    print(f"\n{'part alone, 1 query':<28}{'ms':>9}")
     for name, ms in parts.items():
-        print(f"{name + ' (alone, 1 query)':<28}{ms:>10.2f}")
-    print(f"{'HTTP p50':<28}{p50:>10.2f}\n{'HTTP p90':<28}{p90:>10.2f}\n{'HTTP p99':<28}{p99:>10.2f}")
-    print(f"{len(lat)} requests, {errors} errors, {args.clients} clients, {seconds:.0f} s, top-{args.k} of {args.images}")
-    print(f"p50 {p50:.1f} ms p99 {p99:.1f} ms {qps:.1f} qps")
-    return 0 if errors == 0 else 1
+        print(f"{name:<28}{ms:>9.2f}")
+    print(f"\n{args.clients} clients, {args.duration:.0f} s after {args.warmup:.0f} s warm-up, top-{args.k} of {args.images}; "
+          f"ours: {' '.join(f'{k}={v}' for k, v in settings.items() if k != 'port')} "
+          f"{' '.join(f'{k}={v}' for k, v in ray_env.items())}")
+    print(f"{'server':<28}{'p50':>9}{'p90':>9}{'p99':>9}{'inside p50':>11}{'qps':>9}{'requests':>9}{'errors':>7}")
+    b = row(f"bare (uvicorn, {args.bare_threads} thr)", measured["bare"])
+    o = row("ours (Ray Serve)", measured["ours"])
+    print(f"{'ours / bare':<28}{o['p50'] / b['p50']:>9.2f}{o['p90'] / b['p90']:>9.2f}{o['p99'] / b['p99']:>9.2f}"
+          f"{o['inside'] / b['inside']:>11.2f}{o['qps'] / b['qps']:>9.2f}")
+    print(f"p50 {o['p50']:.1f} ms p99 {o['p99']:.1f} ms {o['qps']:.1f} qps; p50 vs bare {o['p50'] / b['p50']:.2f}")
+    return 0 if o["errors"] == 0 and b["errors"] == 0 else 1
 
 
 if __name__ == "__main__":

