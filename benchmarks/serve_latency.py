@@ -2,8 +2,7 @@
 
 Builds a synthetic index (random unit vectors; the index is exact inner product, so its cost does
 not depend on what the vectors mean) and the model's real text tower (moco_cpu, untrained weights
-unless --model names a registered model). Then, one after the other on loopback, with the same
-clients, queries and duration:
+unless --model names a registered model), and serves them twice on loopback:
 
 - bare: the plain alternative a user would write, the same ``Searcher`` (text tower + faiss index)
   behind one uvicorn + FastAPI process, one query per call, torch and faiss on --bare-threads;
@@ -11,8 +10,11 @@ clients, queries and duration:
   one replica and no alias polling, and any KEY=VALUE given (a ServeConfig field), started as
   ``xray-match serve`` starts it (``serve.app.use_ray_env``; --ray-env NAME=VALUE overrides).
 
-Each is driven by --clients threads, each with one keep-alive connection, sending queries back to
-back for --duration seconds after --warmup seconds. ``inside p50`` is the server's own time per
+Both are up together. Each is warmed up for --warmup seconds, then measured for --duration seconds
+in --slices slices that alternate between the two (bare, ours, ours, bare, ...), so a change in the
+machine's load meets both; the idle one waits (Ray's own processes keep running beside the bare
+server). The same load drives both: --clients threads, each with one keep-alive connection,
+sending the same queries back to back. ``inside p50`` is the server's own time per
 request (its ``ms`` field: from the handler to the answer), so ``p50 - inside p50`` is the path
 around the work. Also times the two parts alone in this process (text tower, faiss search).
 
@@ -125,9 +127,10 @@ def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> di
             "errors": sum(errors), "seconds": duration}
 
 
-def bare_server(model: str, index: str, port: int, threads: int, tracking_uri: str | None) -> None:
+def bare_server(model: str, index: str, port: int, threads: int, handler: str, tracking_uri: str | None) -> None:
     """The plain alternative: the same Searcher (text tower + faiss index) behind one uvicorn +
-    FastAPI process, one query per call, FastAPI's thread pool for the blocking work."""
+    FastAPI process, one query per call, in FastAPI's thread pool (``handler`` thread) or on the
+    event loop (loop)."""
     import faiss
     import torch
     import uvicorn
@@ -145,11 +148,18 @@ def bare_server(model: str, index: str, port: int, threads: int, tracking_uri: s
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.post("/api/search/text")
-    def search_text(body: dict[str, Any]) -> dict[str, Any]:
+    def search(body: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         (hits,) = searcher.text_to_images([body["text"].strip()], int(body.get("k", 10)))
         return {"results": hits, "query": body["text"], "ms": round(1000 * (time.perf_counter() - t0), 2)}
+
+    if handler == "thread":  # `def`: FastAPI runs each request in its thread pool, concurrently
+        app.post("/api/search/text")(search)
+    else:  # `async def`: each request runs on the event loop, one at a time
+
+        @app.post("/api/search/text")
+        async def search_text(body: dict[str, Any]) -> dict[str, Any]:
+            return search(body)
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -224,18 +234,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=100_000)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--warmup", type=float, default=5.0)
-    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
+    p.add_argument("--slices", type=int, default=4, help="the measured seconds alternate between the servers in slices")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--model", help="a registered model or checkpoint (default: moco_cpu at initial weights)")
     p.add_argument("--tracking-uri")
     p.add_argument("--bare-threads", type=int, default=1, help="torch and faiss threads of the bare server")
+    p.add_argument("--bare-handler", choices=["thread", "loop"], default="thread",
+                   help="the bare server's handler: a def (FastAPI's thread pool) or an async def (the event loop)")
     p.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable of the Ray cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     p.add_argument("--bare-serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     p.add_argument("--index", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_serve:
-        bare_server(args.model, args.index, args.bare_serve, args.bare_threads, args.tracking_uri)
+        bare_server(args.model, args.index, args.bare_serve, args.bare_threads, args.bare_handler, args.tracking_uri)
         return 0
     from xray_match.runtime_env import worker_env, worker_env_vars
 
@@ -261,26 +274,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"index: {args.images} synthetic vectors of dim {dim}, exact inner product ({time.perf_counter() - t0:.1f} s)")
         parts = parts_alone(model, index, args.k, args.bare_threads)
 
-        port = free_port()
-        cmd = [sys.executable, os.path.abspath(__file__), "--bare-serve", str(port), "--model", model, "--index", index,
-               "--bare-threads", str(args.bare_threads)] + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])
-        bare = subprocess.Popen(cmd)
-        try:
-            wait_healthy(port, bare)
-            measured["bare"] = drive(port, args.clients, args.warmup, args.duration, args.k)
-        finally:
-            bare.terminate()
-            bare.wait(timeout=30)
-
         settings = {"port": free_port(), "poll_s": 0, "min_replicas": 1, "max_replicas": 1} | dict(args.settings)
         ray_env = use_ray_env(build_settings(ServeConfig, settings, "serve."))  # as `xray-match serve` does
+        port = free_port()
+        cmd = [sys.executable, os.path.abspath(__file__), "--bare-serve", str(port), "--model", model, "--index", index,
+               "--bare-threads", str(args.bare_threads), "--bare-handler", args.bare_handler] + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])
+        bare = subprocess.Popen(cmd, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")})
         ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": worker_env_vars()})
         try:
             t0 = time.perf_counter()
             url = run(*preflight(model, index, args.tracking_uri), settings)
             print(f"service up at {url} in {time.perf_counter() - t0:.1f} s")
-            measured["ours"] = drive(settings["port"], args.clients, args.warmup, args.duration, args.k)
+            wait_healthy(port, bare)
+            ports = {"bare": port, "ours": settings["port"]}
+            for name, p in ports.items():  # warm-up, unmeasured
+                drive(p, args.clients, 0, args.warmup, args.k)
+            # side by side: alternating slices, so a change in the machine's load meets both servers
+            for i in range(args.slices):
+                for name, p in (ports.items() if i % 2 == 0 else reversed(ports.items())):
+                    m = drive(p, args.clients, 0.5, args.duration / args.slices, args.k)
+                    for key, value in m.items():
+                        measured.setdefault(name, {}).setdefault(key, 0 if key in ("errors", "seconds") else [])
+                        measured[name][key] += value
         finally:
+            bare.terminate()
+            bare.wait(timeout=30)
             try:
                 serve.delete(APP_NAME)
                 serve.shutdown()
@@ -292,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'part alone, 1 query':<28}{'ms':>9}")
     for name, ms in parts.items():
         print(f"{name:<28}{ms:>9.2f}")
-    print(f"\n{args.clients} clients, {args.duration:.0f} s after {args.warmup:.0f} s warm-up, top-{args.k} of {args.images}; "
+    print(f"\n{args.clients} clients, {args.duration:.0f} s each in {args.slices} alternating slices after {args.warmup:.0f} s "
+          f"warm-up, top-{args.k} of {args.images}; "
           f"ours: {' '.join(f'{k}={v}' for k, v in settings.items() if k != 'port')} "
           f"{' '.join(f'{k}={v}' for k, v in ray_env.items())}")
     print(f"{'server':<28}{'p50':>9}{'p90':>9}{'p99':>9}{'inside p50':>11}{'qps':>9}{'requests':>9}{'errors':>7}")
-    b = row(f"bare (uvicorn, {args.bare_threads} thr)", measured["bare"])
+    b = row(f"bare ({args.bare_handler}, {args.bare_threads} thr)", measured["bare"])
     o = row("ours (Ray Serve)", measured["ours"])
     print(f"{'ours / bare':<28}{o['p50'] / b['p50']:>9.2f}{o['p90'] / b['p90']:>9.2f}{o['p99'] / b['p99']:>9.2f}"
           f"{o['inside'] / b['inside']:>11.2f}{o['qps'] / b['qps']:>9.2f}")
