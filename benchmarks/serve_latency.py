@@ -216,6 +216,10 @@ def setting(text: str) -> tuple[str, Any]:
     if not sep or key not in {f.name for f in dataclasses.fields(ServeConfig)}:
         raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY a ServeConfig field")
     tp = hints[key]
+    if tp is bool:
+        from xray_match.cli_serve import parse_bool
+
+        return key, parse_bool(value)
     return key, tp(value) if tp in (int, float) else value
 
 
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="a registered model or checkpoint (default: moco_cpu at initial weights)")
     p.add_argument("--tracking-uri")
     p.add_argument("--bare-threads", type=int, default=1, help="torch and faiss threads of the bare server")
-    p.add_argument("--bare-handler", choices=["thread", "loop"], default="thread",
+    p.add_argument("--bare-handler", choices=["thread", "loop"], default="loop",
                    help="the bare server's handler: a def (FastAPI's thread pool) or an async def (the event loop)")
     p.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable of the Ray cluster (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
@@ -254,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_env()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # tearing down: a replica behind HAProxy stays up 30 s for load balancers to let go of it; here nothing does
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     for item in args.ray_env:
         name, _, value = item.partition("=")
         os.environ[name] = value  # before Ray starts: the controller, ingress and replicas inherit it

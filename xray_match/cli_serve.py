@@ -19,6 +19,15 @@ from xray_match.serve.config import IndexConfig, ServeConfig
 FORMATTER = argparse.HelpFormatter
 
 
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) for a boolean setting."""
+    value = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+             "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
 def _add_settings(p: argparse.ArgumentParser, cls: type, title: str) -> None:
     g = p.add_argument_group(title)
     hints = typing.get_type_hints(cls)
@@ -30,6 +39,8 @@ def _add_settings(p: argparse.ArgumentParser, cls: type, title: str) -> None:
             kw |= {"choices": typing.get_args(tp), "metavar": "{" + ",".join(typing.get_args(tp)) + "}"}
         elif tp in (int, float):
             kw |= {"type": tp}
+        elif tp is bool:
+            kw |= {"type": parse_bool, "metavar": "{true,false}"}
         g.add_argument(f"--{f.name.replace('_', '-')}", **kw)
 
 

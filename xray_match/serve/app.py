@@ -156,7 +156,9 @@ class SearchService:
         each query gets its own k of the hits."""
         searcher = self.searcher
         k = max(k for _, k in queries)
-        hits = await asyncio.to_thread(getattr(searcher, method), [q for q, _ in queries], k)
+        search = getattr(searcher, method)
+        queries_only = [q for q, _ in queries]
+        hits = search(queries_only, k) if self.cfg.search_on_loop else await asyncio.to_thread(search, queries_only, k)
         return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
                 for h, (_, ki) in zip(hits, queries)]
 
@@ -238,6 +240,7 @@ def deployment(model: ModelRef | str, index: str | None = None, tracking_uri: st
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return SearchService.options(
         autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests,
+        logging_config={"enable_access_log": cfg.access_log},
         ray_actor_options={"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(model, index, tracking_uri, {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
 
