@@ -286,8 +286,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--bare-serve", str(port), "--model", model, "--index", index,
                "--bare-threads", str(args.bare_threads), "--bare-handler", args.bare_handler] + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])
         bare = subprocess.Popen(cmd, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")})
-        ray.init(address="local", num_cpus=2, log_to_driver=False, runtime_env={"env_vars": worker_env_vars()})
         try:
+            for attempt in range(3):  # on a loaded machine the raylet can miss its start-up deadline: start afresh
+                try:
+                    ray.init(address="local", num_cpus=2, log_to_driver=False,
+                             runtime_env={"env_vars": worker_env_vars()})
+                    break
+                except Exception as e:  # "The current node timed out during startup"
+                    ray.shutdown()
+                    if attempt == 2 or "timed out during startup" not in str(e):
+                        raise
             t0 = time.perf_counter()
             url = run(*preflight(model, index, args.tracking_uri), settings)
             print(f"service up at {url} in {time.perf_counter() - t0:.1f} s")
@@ -306,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             bare.terminate()
             bare.wait(timeout=30)
             try:
-                serve.delete(APP_NAME)
-                serve.shutdown()
+                if ray.is_initialized():
+                    serve.delete(APP_NAME)
+                    serve.shutdown()
             finally:
                 ray.shutdown()
     if not measured["ours"]["lat"] or not measured["bare"]["lat"]:

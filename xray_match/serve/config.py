@@ -52,9 +52,11 @@ class ServeConfig:
     batch_wait_timeout_s: float = F(0.0, ge=0, help="@serve.batch: how long a batch waits to fill; 0 = take what is "
                                     "queued (under load queries queue during a search, so batches still form; "
                                     "measured against 5 ms in docs/serving.md)")
-    search_on_loop: bool = F(False, help="run each batch's embedding and search on the replica's event loop (no "
-                             "hop to a worker thread; requests arriving meanwhile wait and form the next batch)")
-    access_log: bool = F(True, help="Serve's access log: one line per request in the replica's log")
+    search_on_loop: bool = F(True, help="run each batch's embedding and search on the replica's event loop (no "
+                             "hop to a worker thread; requests arriving meanwhile wait and form the next batch); "
+                             "false = in a worker thread (docs/serving.md, \"Measured\")")
+    access_log: bool = F(False, help="Serve's access log: one line per request in the replica's log, written "
+                         "on the request path (docs/serving.md, \"Measured\")")
     min_replicas: int = F(1, ge=0)
     max_replicas: int = F(2, ge=1)
     target_ongoing_requests: float = F(8.0, gt=0, help="autoscaling target per replica")
