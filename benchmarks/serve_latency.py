@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         ray_env = use_ray_env(build_settings(ServeConfig, settings, "serve."))  # as `xray-match serve` does
         port = free_port()
         cmd = [sys.executable, os.path.abspath(__file__), "--bare-serve", str(port), "--model", model, "--index", index,
-               "--bare-threads", str(args.bare_threads), "--bare-handler", args.bare_handler] + (["--tracking-uri", args.tracking_uri] if args.tracking_uri else [])
+               "--bare-threads", str(args.bare_threads), "--bare-handler", args.bare_handler]
+        cmd += ["--tracking-uri", args.tracking_uri] if args.tracking_uri else []
         bare = subprocess.Popen(cmd, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")})
         try:
             for attempt in range(3):  # on a loaded machine the raylet can miss its start-up deadline: start afresh

@@ -1,7 +1,8 @@
 """The search service on Ray Serve: JSON endpoints, the web page, request batching, autoscaling,
 and following the model's MLflow alias.
 
-Routes (all served by one deployment behind Serve's HTTP proxy)::
+Routes (all served by one deployment behind the ingress: HAProxy, or Serve's HTTP proxy;
+``ServeConfig.ingress``)::
 
     GET  /                      the web page (search box, result grid, image upload)
     GET  /api/info              model (name, alias, version), index, counts, swaps so far
