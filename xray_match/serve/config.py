@@ -51,7 +51,7 @@ class ServeConfig:
     max_batch_size: int = F(16, ge=1, help="@serve.batch: queries embedded and searched together")
     batch_wait_timeout_s: float = F(0.0, ge=0, help="@serve.batch: how long a batch waits to fill; 0 = take what is "
                                     "queued (under load queries queue during a search, so batches still form; "
-                                    "measured against 5 ms in docs/serving.md)")
+                                    "a wait adds latency at low load: docs/serving.md, \"Measured\")")
     search_on_loop: bool = F(True, help="run each batch's embedding and search on the replica's event loop (no "
                              "hop to a worker thread; requests arriving meanwhile wait and form the next batch); "
                              "false = in a worker thread (docs/serving.md, \"Measured\")")
