@@ -49,7 +49,10 @@ def _start_ray():
     import ray
 
     from xray_match.runtime_env import worker_env_vars
+    from xray_match.serve.app import use_ray_env
+    from xray_match.serve.config import ServeConfig
 
+    use_ray_env(ServeConfig())  # the session's Serve runs as `xray-match serve` starts it (HAProxy ingress)
     for attempt in range(3):  # on a loaded machine the raylet can give up waiting for its dashboard
         try:  # agent (a fixed 15 s, ray-project/ray#65983) and the node never comes up: start afresh
             ray.init(

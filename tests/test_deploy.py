@@ -596,6 +596,14 @@ def test_rayservice_runs_the_search_app(platform):
     cpus = quantity(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert settings["max_replicas"] * settings["num_cpus"] <= workers["maxReplicas"] * cpus, "replicas cannot all fit"
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    # the Ray Serve environment `xray-match serve` would start its cluster with, on every pod
+    from xray_match.serve.app import RAY_ENV
+
+    wanted = RAY_ENV[settings["ingress"]]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in wanted} == wanted, group.get("groupName", "head")
 
 
 # ---------------------------------------------------------------- MLflow and PostgreSQL

