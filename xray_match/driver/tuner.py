@@ -37,8 +37,13 @@ def decode_keys(config: dict[str, Any]) -> dict[str, Any]:
     return {k.replace(_SEP, "."): v for k, v in config.items()}
 
 
+def grid_keys(space: dict[str, Any]) -> list[str]:
+    """The keys of ``space`` given as a grid (``tune.grid_search``), in order."""
+    return [k for k, v in space.items() if isinstance(v, dict) and "grid_search" in v]
+
+
 def is_grid(space: dict[str, Any]) -> bool:
-    return any(isinstance(v, dict) and "grid_search" in v for v in space.values())
+    return bool(grid_keys(space))
 
 
 def grid_table(rows: list[tuple[dict[str, Any], dict[str, Any]]], keys: list[str], columns: tuple[str, ...]) -> str:
@@ -208,7 +213,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     from ray.tune.search.optuna import OptunaSearch
 
     from xray_match.driver.prepare import prepare_info
-    from xray_match.driver.worker import ensure_ray, start_train_coordinator, fault_hooks
+    from xray_match.driver.worker import ensure_ray, fault_hooks, start_train_coordinator, worker_resources
 
     recipe = RECIPES.get(cfg.model.name)
     cfg = trial_config(cfg)  # the spaces read it (grids split global batches over the trial's workers)
@@ -233,8 +238,8 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     ensure_ray()
     start_train_coordinator()
     grid = is_grid(search_space)
-    n_trials = math.prod(len(v["grid_search"]) for v in search_space.values()
-                         if isinstance(v, dict) and "grid_search" in v) if grid else cfg.tune.num_samples
+    n_trials = math.prod(len(search_space[k]["grid_search"]) for k in grid_keys(search_space)) if grid \
+        else cfg.tune.num_samples
     concurrent = min(cfg.tune.max_concurrent, n_trials)
     cfg = fit_local_resources(cfg, concurrent)
     metric = cfg.tune.metric if cfg.tune.metric != "val/rsum" else recipe.metric
@@ -252,8 +257,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=cfg, info=vars(info), storage=storage, tracking=session.study_spec(parent),
                              study=study, hooks=fault_hooks()),
-        {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.gpus_per_worker else {})
-        if in_trial else {"CPU": TRIAL_CPU},
+        worker_resources(cfg) if in_trial else {"CPU": TRIAL_CPU},
     )
     if resume:  # the searcher, the scheduler and the finished trials come back from the study's own state
         tuner = tune.Tuner.restore(storage.join(study), trainable=trainable, resume_unfinished=True,
@@ -303,7 +307,7 @@ def run_tune(cfg: Config, space: str | None = None, *, info: DataInfo | None = N
         raise RuntimeError(f"study {study}: no trial reported {metric!r} ({why}); a study's tune.time_budget_s "
                            f"counts across --resume") from None
     if grid:
-        keys = [k for k, v in search_space.items() if isinstance(v, dict) and "grid_search" in v]
+        keys = grid_keys(search_space)
         rows = [(decode_keys(r.config), r.metrics or {}) for r in results]
         out["table"] = grid_table(rows, keys, recipe.table_columns)
         session.log_texts(parent, {"grid.md": out["table"]}, artifact_path="tables")

@@ -203,6 +203,11 @@ def worker_config(cfg: Config, info: DataInfo, mlflow: dict[str, Any] | None,
     return {"cfg": cfg.to_dict(), "info": vars(info), "mlflow": mlflow} | (fault_hooks() if hooks is None else hooks)
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """What one training worker holds: ``ray.cpus_per_worker`` CPUs, and ``ray.gpus_per_worker`` GPUs."""
+    return {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.gpus_per_worker > 0 else {})
+
+
 def build_trainer(cfg: Config, info: DataInfo, storage: Storage, mlflow: dict[str, Any] | None = None,
                   callbacks: list | None = None, hooks: dict[str, str | None] | None = None):
     """A TorchTrainer of ``cfg`` writing under ``storage`` (the run's, or its study's), its rank-0
@@ -211,7 +216,7 @@ def build_trainer(cfg: Config, info: DataInfo, storage: Storage, mlflow: dict[st
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = cfg.ray.gpus_per_worker > 0
-    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})
+    resources = worker_resources(cfg)
     backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if use_gpu else "gloo")
     # read by Ray Train's controller, which gets it from the process that calls fit()
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.ray.worker_start_timeout_s)

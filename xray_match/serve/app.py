@@ -310,9 +310,10 @@ def use_ray_env(cfg: ServeConfig) -> dict[str, str]:
     cluster it starts next inherits it; returns what is in effect. A cluster already running, or one
     joined at ``$RAY_ADDRESS``, keeps the environment its nodes were started with (the RayService
     manifest sets these variables on its pods)."""
-    for key, value in ray_env(cfg).items():
+    env = ray_env(cfg)
+    for key, value in env.items():
         os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in ray_env(cfg)}
+    return {key: os.environ[key] for key in env}
 
 
 def start_proxy(cfg: ServeConfig, tries: int = 3) -> None:

@@ -61,8 +61,9 @@ def study_trials(ctx: RunContext, study_dir: str) -> list[dict[str, Any]]:
         if not lines:
             continue
         last = json.loads(lines[-1])
-        folders = sorted(fs.glob(f"{path.rsplit('/', 1)[0]}/checkpoint_*"))
-        last.setdefault("checkpoint_path", folders[-1] if folders else None)
+        if not last.get("checkpoint_path"):  # a trial in its own actor: its newest checkpoint folder
+            folders = sorted(fs.glob(f"{path.rsplit('/', 1)[0]}/checkpoint_*"))
+            last["checkpoint_path"] = folders[-1] if folders else None
         rows.append({"trial_id": last.get("trial_id", ""),
                      "config": decode_keys(last.get("config", {})),
                      "metrics": {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
