@@ -31,7 +31,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from xray_match.devcluster import free_port
 
 QUERIES = [f"a {c} {d} {w} a {c2} {d2}" for c, d, w, c2, d2 in zip(
     ["red", "blue", "green", "yellow", "white", "orange"] * 4, ["one", "two", "three", "four", "five", "six", "seven", "eight"] * 3,
@@ -76,12 +77,6 @@ def synthetic_index(out: str, n: int, dim: int, seed: int = 0) -> str:
     m = min(n, 5 * 1000)
     caps = {"text": [f"caption {i}" for i in range(m)], "image": [i // 5 for i in range(m)]}
     return write_index(out, x, images, x[:m], caps, {"model": {"uri": "synthetic"}, "data": ""})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drive(port: int, clients: int, warmup: float, duration: float, k: int) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from xray_match.devcluster import free_port  # noqa: F401 (the tests' port picker)
+
 MOCO_TINY = ["data.num_workers=0", "data.batch_size=16", "data.eval_batch_size=32", "train.epochs=1",
              "ray.num_workers=1", "moco.embed_dim=32", "moco.teacher_hidden=[64]", "moco.lstm_hidden=64"]
 
@@ -51,14 +53,6 @@ def index_cli(model: str, data: str, out: str, tracking_uri: str, *flags: str) -
                "--splits", "test", "--batch-size", "16", "--num-cpus", "0.5", "--no-progress", *flags])
     assert rc == 0
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: bytes | None = None, content_type: str = "application/json",

@@ -285,7 +285,8 @@ def test_paper_tables_are_registered_grids_of_global_batches():
     for workers, want in ((1, [16, 32, 48, 64]), (2, [8, 16, 24, 32])):
         cfg = load_config("moco_cpu", [f"ray.num_workers={workers}"])
         assert SPACES.get("moco_table2")(cfg)["data.batch_size"]["grid_search"] == want
-        for name in ("moco_table2", "moco_table3", "moco_table4", "moco_table5", "moco_samplers"):
+        assert SPACES.get("moco_big_batch")(cfg)["data.batch_size"]["grid_search"] == [b // workers for b in (64, 128, 256, 512)]
+        for name in ("moco_table2", "moco_big_batch", "moco_table3", "moco_table4", "moco_table5", "moco_samplers"):
             space = SPACES.get(name)(cfg)
             assert is_grid(space)
             check_space(cfg, space)  # every key a config key, every value valid

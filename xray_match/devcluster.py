@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import secrets
@@ -163,17 +164,52 @@ def _log(msg: str) -> None:
     print(f"[dev-cluster] {msg}", file=sys.stderr, flush=True)
 
 
-def free_port(span: int = 0) -> int:
-    """A free loopback port ``p`` (with ``p + span`` free too: SeaweedFS puts gRPC at port + 10000)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if span and port + span > 65535:
+# Ports handed out here lie below the kernel's ephemeral range, where nothing that binds port 0 or
+# opens an outgoing connection lands (a Ray node's raylet and object manager do, while MLflow is still
+# importing), and above Ray's worker ports (10002-19999).
+PORT_FLOOR = 20000
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(span: int = 0, avoid: set[int] | frozenset[int] = frozenset()) -> int:
+    """A free loopback port ``p`` (with ``p + span`` free too: SeaweedFS puts gRPC at port + 10000),
+    drawn below the ephemeral range so that no other process's random port can take it before its
+    server binds it; ``avoid``: ports handed out already whose servers may not be up yet."""
+    import random
+
+    top = min(_ephemeral_floor(), 65536) - 1 - span
+    rng = random.Random()  # not the global RNG: a seeded test must not make two sessions draw alike
+    for _ in range(500):
+        port = rng.randint(PORT_FLOOR, top) if top > PORT_FLOOR + 1000 else _kernel_port()
+        if port in avoid or port + span in avoid or port + span > 65535:
             continue
-        if not span or _port_free(port + span):
+        if _port_free(port) and (not span or _port_free(port + span)):
             return port
     raise DevClusterError("no free loopback port")
+
+
+def _distinct_ports(spanned: list[str], plain: list[str]) -> dict[str, int]:
+    """One port per name, no two alike (SeaweedFS's ``port + 10000`` included)."""
+    ports: dict[str, int] = {}
+    taken: set[int] = set()
+    for name in spanned + plain:
+        span = 10000 if name in spanned else 0
+        ports[name] = port = free_port(span, taken)
+        taken |= {port, port + span}
+    return ports
+
+
+def _kernel_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _port_free(port: int) -> bool:
@@ -331,8 +367,8 @@ def _http_status(url: str, headers: dict[str, str] | None = None) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-    except (urllib.error.URLError, OSError):
-        return 0
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return 0  # not up, or not yet ours: another protocol on the port (the server then exits)
 
 
 def _tool(name: str) -> str:
@@ -515,13 +551,24 @@ def _ray_node_cmd(state: State, name: str, head: bool, cpus: int) -> list[str]:
            f"--resources={json.dumps({f'node_{name}': 1000})}",
            # nodes sharing one machine need ports of their own: the defaults (e.g. the dashboard
            # agent's 52365) go to the first node, and a worker node's job logs then cannot be read
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+           *(f"--{flag}={port}" for flag, port in zip(
+               ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port"], _node_ports(state, 4)))]
     if head:
         return cmd + ["--head", f"--port={state.ports['gcs']}", "--dashboard-host=127.0.0.1",
                       f"--ray-client-server-port={state.ports['ray_client']}",
                       f"--dashboard-port={state.ports['dashboard']}", "--include-dashboard=true"]
     return cmd + [f"--address=127.0.0.1:{state.ports['gcs']}"]
+
+
+def _node_ports(state: State, n: int) -> list[int]:
+    """``n`` ports for one Ray node: none of the cluster's (some of whose servers are still starting)."""
+    taken = set(state.ports.values()) | {p + 10000 for p in state.ports.values()}
+    out: list[int] = []
+    for _ in range(n):
+        out.append(free_port(0, taken))
+        taken.add(out[-1])
+    return out
 
 
 def alive_nodes(state: State) -> list[dict[str, Any]]:
@@ -609,9 +656,8 @@ def up(folder: str | None = None, *, workers: int = 2, cpus_per_node: int = 1, b
     # Ray's socket paths must stay under 108 bytes: a short temp root per cluster
     state = State(
         dir=folder, bucket=bucket,
-        ports={"s3": free_port(10000), "weed_master": free_port(10000), "weed_volume": free_port(10000),
-               "weed_filer": free_port(10000), "pg": free_port(), "mlflow": free_port(), "gcs": free_port(),
-               "dashboard": free_port(), "ray_client": free_port()},
+        ports=_distinct_ports(spanned=["s3", "weed_master", "weed_volume", "weed_filer"],
+                              plain=["pg", "mlflow", "gcs", "dashboard", "ray_client"]),
         secrets=_secrets(folder),
         ray_tmp=os.path.join(tmp, f"xm-{key}"),
         # as root PostgreSQL runs as another user, who cannot enter a root-owned home: a folder in /tmp

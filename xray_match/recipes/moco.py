@@ -229,6 +229,17 @@ def moco_table2(cfg: Config) -> dict[str, Any]:
     return {"moco.sampler": "batch", "data.batch_size": tune.grid_search([per_worker(cfg, b) for b in (16, 32, 48, 64)])}
 
 
+@SPACES.register("moco_big_batch")
+def moco_big_batch(cfg: Config) -> dict[str, Any]:
+    """Table 2's batch axis further: batch sampling at global batch 64 / 128 / 256 / 512, the encoders
+    in chunks of 32 (gradient caching, ``train.micro_batch_size``: every sample sees the whole
+    batch's negatives)."""
+    from ray import tune
+
+    return {"moco.sampler": "batch", "train.micro_batch_size": 32,
+            "data.batch_size": tune.grid_search([per_worker(cfg, b) for b in (64, 128, 256, 512)])}
+
+
 @SPACES.register("moco_table3")
 def moco_table3(cfg: Config) -> dict[str, Any]:
     """Table 3: queue sampling at global batch 64, K = 0.3 / 0.5 / 0.7 / 1.0 of the train split."""
