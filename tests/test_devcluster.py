@@ -13,11 +13,10 @@ def test_ports_lie_below_the_ephemeral_range_and_never_repeat():
     # a port in the ephemeral range can be taken by any process binding port 0 (a Ray node's raylet)
     # between the draw and the server's bind: the cluster's MLflow port once went to a Ray gRPC server
     floor = devcluster._ephemeral_floor()
-    ports = devcluster._distinct_ports(spanned=["s3", "weed_master", "weed_volume", "weed_filer"],
-                                       plain=["pg", "mlflow", "gcs", "dashboard", "ray_client"])
+    ports = devcluster.distinct_ports(devcluster.CLUSTER_PORTS)
     spanned = [ports[k] for k in ("s3", "weed_master", "weed_volume", "weed_filer")]
     taken = list(ports.values()) + [p + 10000 for p in spanned]
-    assert len(set(taken)) == len(taken)
+    assert len(set(taken)) == len(taken) == 13
     assert all(devcluster.PORT_FLOOR <= p < floor for p in taken)
     avoid = set(taken)
     assert all(devcluster.free_port(0, avoid) not in avoid for _ in range(50))

@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -182,8 +183,6 @@ def free_port(span: int = 0, avoid: set[int] | frozenset[int] = frozenset()) -> 
     """A free loopback port ``p`` (with ``p + span`` free too: SeaweedFS puts gRPC at port + 10000),
     drawn below the ephemeral range so that no other process's random port can take it before its
     server binds it; ``avoid``: ports handed out already whose servers may not be up yet."""
-    import random
-
     top = min(_ephemeral_floor(), 65536) - 1 - span
     rng = random.Random()  # not the global RNG: a seeded test must not make two sessions draw alike
     for _ in range(500):
@@ -195,12 +194,21 @@ def free_port(span: int = 0, avoid: set[int] | frozenset[int] = frozenset()) -> 
     raise DevClusterError("no free loopback port")
 
 
-def _distinct_ports(spanned: list[str], plain: list[str]) -> dict[str, int]:
-    """One port per name, no two alike (SeaweedFS's ``port + 10000`` included)."""
+#: the cluster's ports, each with the span that must be free above it (SeaweedFS: gRPC at port + 10000)
+CLUSTER_PORTS = {"s3": 10000, "weed_master": 10000, "weed_volume": 10000, "weed_filer": 10000,
+                 "pg": 0, "mlflow": 0, "gcs": 0, "dashboard": 0, "ray_client": 0}
+#: the ports each Ray node gets a flag for: nodes sharing one machine need their own (the defaults,
+#: e.g. the dashboard agent's 52365, go to the first node, and a worker node's job logs then cannot be read)
+NODE_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                   "metrics-export-port")
+
+
+def distinct_ports(spans: dict[str, int], avoid: set[int] | frozenset[int] = frozenset()) -> dict[str, int]:
+    """One free port per name of ``spans`` (with ``port + span`` free too), no two alike and none in
+    ``avoid`` (ports handed out already whose servers may not be up yet)."""
     ports: dict[str, int] = {}
-    taken: set[int] = set()
-    for name in spanned + plain:
-        span = 10000 if name in spanned else 0
+    taken = set(avoid)
+    for name, span in spans.items():
         ports[name] = port = free_port(span, taken)
         taken |= {port, port + span}
     return ports
@@ -549,11 +557,8 @@ def _ray_node_cmd(state: State, name: str, head: bool, cpus: int) -> list[str]:
            "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--num-gpus=0",
            f"--temp-dir={os.path.join(state.ray_tmp, name)}", "--object-store-memory=300000000",
            f"--resources={json.dumps({f'node_{name}': 1000})}",
-           # nodes sharing one machine need ports of their own: the defaults (e.g. the dashboard
-           # agent's 52365) go to the first node, and a worker node's job logs then cannot be read
-           *(f"--{flag}={port}" for flag, port in zip(
-               ["dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                "metrics-export-port"], _node_ports(state, 4)))]
+           *(f"--{flag}={port}" for flag, port in distinct_ports(dict.fromkeys(NODE_PORT_FLAGS, 0),
+                                                                   avoid=_cluster_ports(state)).items())]
     if head:
         return cmd + ["--head", f"--port={state.ports['gcs']}", "--dashboard-host=127.0.0.1",
                       f"--ray-client-server-port={state.ports['ray_client']}",
@@ -561,14 +566,9 @@ def _ray_node_cmd(state: State, name: str, head: bool, cpus: int) -> list[str]:
     return cmd + [f"--address=127.0.0.1:{state.ports['gcs']}"]
 
 
-def _node_ports(state: State, n: int) -> list[int]:
-    """``n`` ports for one Ray node: none of the cluster's (some of whose servers are still starting)."""
-    taken = set(state.ports.values()) | {p + 10000 for p in state.ports.values()}
-    out: list[int] = []
-    for _ in range(n):
-        out.append(free_port(0, taken))
-        taken.add(out[-1])
-    return out
+def _cluster_ports(state: State) -> set[int]:
+    """Every port the cluster's services hold or will hold (some of them are still starting)."""
+    return {port + span for name, port in state.ports.items() for span in {0, CLUSTER_PORTS.get(name, 0)}}
 
 
 def alive_nodes(state: State) -> list[dict[str, Any]]:
@@ -656,8 +656,7 @@ def up(folder: str | None = None, *, workers: int = 2, cpus_per_node: int = 1, b
     # Ray's socket paths must stay under 108 bytes: a short temp root per cluster
     state = State(
         dir=folder, bucket=bucket,
-        ports=_distinct_ports(spanned=["s3", "weed_master", "weed_volume", "weed_filer"],
-                              plain=["pg", "mlflow", "gcs", "dashboard", "ray_client"]),
+        ports=distinct_ports(CLUSTER_PORTS),
         secrets=_secrets(folder),
         ray_tmp=os.path.join(tmp, f"xm-{key}"),
         # as root PostgreSQL runs as another user, who cannot enter a root-owned home: a folder in /tmp
@@ -792,4 +791,5 @@ if __name__ == "__main__":  # the watchdog: python -m xray_match.devcluster watc
 
 
 __all__ = ["DevClusterError", "State", "Service", "up", "down", "status", "default_dir", "shell_exports",
-           "stop_service", "kill_service", "restart_service", "restart_node", "alive_nodes", "node_pids"]
+           "stop_service", "kill_service", "restart_service", "restart_node", "alive_nodes", "node_pids", "free_port",
+           "distinct_ports"]
