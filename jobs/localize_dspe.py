@@ -11,7 +11,7 @@ xray-match-dspe_phrase@champion.
 import sys
 
 from xray_match.configfile import ConfigError
-from xray_match.launch import build_parser, config_from_args
+from xray_match.launch import build_parser, config_from_args, prepare_job
 
 
 def main(argv=None):
@@ -24,6 +24,7 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    cfg = prepare_job(cfg)
     from xray_match.studies.dspe_localize import localize_two_stage
 
     out = localize_two_stage(cfg, stage2_epochs=args.stage2_epochs, stage2_lr_mult=args.stage2_lr_mult,

@@ -215,3 +215,24 @@ def test_preflight_pins_once_and_checks_the_index_against_that_version(registry,
     # the one check, also used by the replicas' Searcher: other models' and checkpoints' indexes pass
     check_built_for(ModelRef(uri="models:/other/5", tracking_uri=uri, name="other", version="5"), read_meta(index), index)
     check_built_for(ModelRef(uri=str(tmp_path)), read_meta(index), index)
+
+
+def test_checkpoint_url_pins_an_alias_to_its_versions_checkpoint(registry, tmp_path):
+    """What a worker loads itself (``rdan.shortlist_model``): the alias read once, to the version's
+    ``checkpoint`` tag; a path as it is; a version without the tag, or a runs:/ URI, refused."""
+    from xray_match.tracking.models import ModelLookupError, checkpoint_url
+
+    c, uri = registry["client"], registry["uri"]
+    v1 = registry["add"](_folder(tmp_path, "a"))
+    c.set_model_version_tag(NAME, v1, "checkpoint", "s3://bucket/runs/a/checkpoint_000004")
+    registry["add"](_folder(tmp_path, "b"))  # champion moves to version 2, which has no tag
+    with pytest.raises(ModelLookupError, match="no 'checkpoint' tag"):
+        checkpoint_url(f"models:/{NAME}@champion", uri)
+    assert checkpoint_url(f"models:/{NAME}/{v1}", uri) == "s3://bucket/runs/a/checkpoint_000004"
+    c.set_registered_model_alias(NAME, "champion", v1)
+    assert checkpoint_url(f"models:/{NAME}@champion", uri) == "s3://bucket/runs/a/checkpoint_000004"
+    assert checkpoint_url(str(tmp_path / "a"), uri) == str(tmp_path / "a")
+    with pytest.raises(ModelLookupError, match="name a registered model"):
+        checkpoint_url("runs:/0123abcd/checkpoint", uri)
+    with pytest.raises(ModelLookupError, match="no registered model 'nope'"):
+        checkpoint_url("models:/nope@champion", uri)

@@ -119,3 +119,78 @@ def test_recipe_evaluation_with_a_full_shortlist_equals_exact(tiny_scenes):
         k = next(x for x in exact if x.endswith(key))
         assert two[k] == pytest.approx(exact[k], abs=1e-6), k
     assert two[next(x for x in two if x.endswith("pairs_scored"))] == 60 * 300
+
+
+# ----------------------------------------------------------------------------- a shortlist from another model
+
+
+@pytest.fixture(scope="module")
+def moco_checkpoint(tiny_scenes, tmp_path_factory):
+    """A tiny contrastive model (3 real training steps) as a checkpoint folder: the other model."""
+    from serve_helpers import train_checkpoint
+
+    return train_checkpoint(tiny_scenes, str(tmp_path_factory.mktemp("moco")), steps=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_another_models_vectors_come_in_the_evaluations_order(tiny_scenes, moco_checkpoint):
+    """embed_samples gives the other model's own vectors of each key's image and captions, in the
+    order asked, whatever the shard order; a missing key or a caption count that differs is named."""
+    from PIL import Image
+
+    from xray_match.data.format import ShardFormatError
+    from xray_match.data.reader import iter_meta
+    from xray_match.train.checkpoint import load_inference
+    from xray_match.train.shortlist import embed_samples
+
+    meta = dict(iter_meta(tiny_scenes, "test"))
+    keys = sorted(meta)[::-7][:5]  # some keys, in an order no shard has
+    counts = [len(meta[k]["captions"]) for k in keys]
+    img, txt = embed_samples(moco_checkpoint, tiny_scenes, "test", keys, counts, batch_size=2)
+    assert img.shape[0] == 5 and txt.shape[0] == sum(counts) and img.shape[1] == txt.shape[1]
+    assert torch.allclose(img.norm(dim=1), torch.ones(5)) and torch.allclose(txt.norm(dim=1), torch.ones(len(txt)))
+    model = load_inference(moco_checkpoint)
+    caps = [c for k in keys for c in meta[k]["captions"]]
+    assert torch.allclose(txt, torch.nn.functional.normalize(model.encode_texts(caps), dim=-1), atol=1e-5)
+    from xray_match.data.reader import decode_sample, iter_raw, shard_urls
+
+    images = {r["__key__"]: decode_sample(r, parts=frozenset())["image"]
+              for u in shard_urls(tiny_scenes, "test") for r in iter_raw(u) if r["__key__"] in keys}
+    want = torch.nn.functional.normalize(model.encode_images([images[k] for k in keys]), dim=-1)
+    assert torch.allclose(img, want, atol=1e-5) and isinstance(images[keys[0]], Image.Image)
+    with pytest.raises(ShardFormatError, match="no sample 'nope'"):
+        embed_samples(moco_checkpoint, tiny_scenes, "test", ["nope"], [5])
+    with pytest.raises(ShardFormatError, match=f"{keys[0]!r} has {counts[0]} captions"):
+        embed_samples(moco_checkpoint, tiny_scenes, "test", keys[:1], [counts[0] + 1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_recipe_evaluation_shortlisted_by_another_model(tiny_scenes, moco_checkpoint):
+    """`rdan.shortlist_model` on the real evaluation path: with every pair shortlisted it equals exact
+    scoring; with K = 2 it scores only the union of the other model's top-2 lists."""
+    from xray_match.config import ConfigError, load_config
+    from xray_match.driver.prepare import prepare_info
+    from xray_match.train.checkpoint import load_inference
+    from xray_match.train.loop import Trainer
+
+    cfg = load_config("rdan_cpu", [f"data.path={tiny_scenes}", "data.num_workers=0", "data.eval_batch_size=30",
+                                   "tracking.enabled=false", "ray.num_workers=1", "data.batch_size=16"])
+    info = prepare_info(cfg, progress=False)
+    exact, _ = Trainer(cfg, info, log=lambda s: None).evaluate("test")
+    other = [f"rdan.shortlist_model={moco_checkpoint}"]
+    full, _ = Trainer(cfg.with_overrides(["rdan.rerank_top_k=100000", *other]), info, log=lambda s: None).evaluate("test")
+    for key in ("test/rsum", "test/i2t_r1", "test/t2i_r10"):
+        assert full[key] == pytest.approx(exact[key], abs=1e-6), key
+    two, _ = Trainer(cfg.with_overrides(["rdan.rerank_top_k=2", *other]), info, log=lambda s: None).evaluate("test")
+    # the pairs the other model shortlists: its vectors of the 60 test images and 300 captions
+    from xray_match.data.reader import iter_meta
+    from xray_match.train.shortlist import embed_samples
+
+    meta = dict(iter_meta(tiny_scenes, "test"))
+    keys = sorted(meta)
+    img, txt = embed_samples(moco_checkpoint, tiny_scenes, "test", keys, [len(meta[k]["captions"]) for k in keys])
+    assert two["test/pairs_scored"] == int(shortlist(img, txt, 2).sum()) < 60 * 300
+    with pytest.raises(ConfigError, match="rdan.shortlist_model: shortlists only with rdan.rerank_top_k"):
+        prepare_info(cfg.with_overrides(other), progress=False)

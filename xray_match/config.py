@@ -230,6 +230,9 @@ class RDANConfig(CrossAttentionConfig):
     # evaluation
     rerank_top_k: int = F(0, ge=0, help="evaluation: 0 = every pair exactly; K = two-stage: each image's K nearest "
                                         "captions and each caption's K nearest images by pooled features, reranked exactly")
+    shortlist_model: str = F("", help="with rerank_top_k: shortlist by this embedding model's vectors (a checkpoint "
+                                      "path or URL; a job pins models:/NAME@ALIAS to its version's checkpoint) "
+                                      "instead of the pooled features")
     embed_loss_weight: float = F(0.0, ge=0, help="weight of the auxiliary hinge loss on the pooled features "
                                                  "(trains the two-stage shortlist); 0 = off")
 

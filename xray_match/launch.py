@@ -105,13 +105,27 @@ def _parse(description: str, preset: str, tune: bool, argv: list[str] | None) ->
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         raise SystemExit(0)
-    preflight(cfg)  # before Ray starts: a wrong path or an unreachable server fails in seconds
+    return args, prepare_job(cfg)
+
+
+def prepare_job(cfg: Config) -> Config:
+    """Before Ray starts: pin the model references the workers load (a ``models:/`` alias is read
+    once, here), check the config's paths and servers (a wrong one fails in seconds), and keep a
+    local cluster's workers on this interpreter. Returns the pinned config."""
+    if cfg.rdan.shortlist_model.startswith("models:/"):
+        from xray_match.tracking.models import checkpoint_url
+        from xray_match.tracking.store import resolve_tracking_uri
+
+        url = checkpoint_url(cfg.rdan.shortlist_model, resolve_tracking_uri(cfg))
+        print(f"[xray_match] rdan.shortlist_model: {cfg.rdan.shortlist_model} -> {url}", flush=True)
+        cfg = cfg.with_overrides({"rdan.shortlist_model": url})
+    preflight(cfg)
     if not os.environ.get("RAY_ADDRESS"):
         # this job starts a local cluster whose workers run this very interpreter: Ray's `uv run`
         # hook would instead build a virtual environment per worker process (a minute or two on
         # 2 cores, and worker-start timeouts). Read when ray is imported, so set it first.
         os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    return args, cfg
+    return cfg
 
 
 def _print_summary(title: str, items: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from xray_match.config import Config
 from xray_match.configfile import ConfigError
 from xray_match.data.format import MANIFEST, ShardFormatError, join, read_manifest
 from xray_match.data.io import S3_SCHEMES, exists, filesystem, local_path, s3_endpoint, scheme
+from xray_match.tracking.models import ModelLookupError
 
 TRACKING_TIMEOUT_S = 5.0
 #: connect and read timeouts of the object store check; no retries (botocore's and s3fs's would
@@ -31,7 +32,8 @@ class PreflightError(RuntimeError):
 
 
 #: errors a job reports as one line and exit status 2
-EXPECTED: tuple[type[BaseException], ...] = (ConfigError, PreflightError, ShardFormatError, FileNotFoundError)
+EXPECTED: tuple[type[BaseException], ...] = (ConfigError, PreflightError, ShardFormatError, FileNotFoundError,
+                                             ModelLookupError)
 
 
 def first_line(e: BaseException) -> str:

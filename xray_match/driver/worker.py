@@ -236,11 +236,11 @@ def build_trainer(cfg: Config, info: DataInfo, storage: Storage, mlflow: dict[st
 
 
 def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | None = None,
-                 context: RunContext | None = None) -> dict[str, Any]:
+                 context: RunContext | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """One training run on the current Ray cluster (started locally if none): returns the final
     metrics, the checkpoint (a :class:`~xray_match.driver.storage.StoredCheckpoint`), the MLflow
     run id, the registered model version, and the ``context`` it ran in (``context``: a study's,
-    default: made from ``cfg``)."""
+    default: made from ``cfg``; ``parent_run_id``: a study's MLflow run, whose child this run is)."""
     from xray_match.driver.prepare import prepare_info
 
     if info is None:
@@ -248,7 +248,7 @@ def run_training(cfg: Config, *, info: DataInfo | None = None, register: bool | 
     ensure_ray()
     start_train_coordinator()
     ctx = context or RunContext.from_config(cfg)
-    run_id = ctx.tracking.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}")
+    run_id = ctx.tracking.start_run(run_name=cfg.ray.name or f"train-{cfg.model.name}", parent_run_id=parent_run_id)
     result = build_trainer(cfg, info, ctx.storage, mlflow=ctx.tracking.worker_spec(run_id)).fit()
     ckpt = ctx.checkpoint(result.checkpoint)
     out: dict[str, Any] = {"metrics": dict(result.metrics or {}), "checkpoint": ckpt, "run_id": run_id,

@@ -30,6 +30,7 @@ from xray_match.models.rdan import RDAN, build_rdan
 from xray_match.registry import RECIPES, SPACES
 from xray_match.text.vocab import Vocab, build_vocab, split_captions
 from xray_match.train.recipe import EvalContext, Recipe, RetrievalInference, unwrap
+from xray_match.train.shortlist import embed_samples
 
 #: Table 3 rows by name -> the switches they set
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -194,6 +195,8 @@ class RDANRecipe(Recipe):
     def check(cls, cfg: Config) -> None:
         """Refuse a config this method cannot run, before any worker starts."""
         effective(cfg)  # an impossible ablation
+        if cfg.rdan.shortlist_model and not cfg.rdan.rerank_top_k:
+            raise ConfigError("rdan.shortlist_model: shortlists only with rdan.rerank_top_k > 0")
 
     @classmethod
     def prepare(cls, cfg: Config, root: str) -> dict[str, Any]:
@@ -302,13 +305,18 @@ class RDANRecipe(Recipe):
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]], ctx: EvalContext) -> dict[str, float]:
         net: RDAN = unwrap(model)
         r = self.opts
-        v, words, lengths, caption_image, _ = self.encode_split(model, batches, ctx)
+        v, words, lengths, caption_image, keys = self.encode_split(model, batches, ctx)
         t0 = time.perf_counter()
         autocast = ctx.autocast or _nullcontext
         kw = dict(caption_block=r.eval_caption_block, cell_budget=r.eval_cell_budget, device=ctx.device)
         with autocast():
-            if self.rerank_top_k:  # two-stage: pooled-feature shortlist, exact rerank (every rank alike: it is cheap)
-                img, txt = pooled_embeddings(v, words, lengths)
+            if self.rerank_top_k:  # two-stage: a shortlist, exact rerank (every rank alike: it is cheap)
+                if r.shortlist_model:  # another model's vectors of the same samples
+                    counts = torch.bincount(caption_image, minlength=len(keys)).tolist()
+                    img, txt = embed_samples(r.shortlist_model, self.info.root, ctx.split, keys, counts,
+                                             device=ctx.device)
+                else:  # the model's own pooled features
+                    img, txt = pooled_embeddings(v, words, lengths)
                 scores, pairs = two_stage_scores(net.paired_scores, v, words, lengths, img, txt, self.rerank_top_k,
                                                  device=ctx.device, cell_budget=r.eval_cell_budget)
             else:

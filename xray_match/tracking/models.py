@@ -187,6 +187,22 @@ def load_model(text: str, tracking_uri: str | None = None, device: str = "cpu") 
     return resolve(text, tracking_uri).load(device)
 
 
+def checkpoint_url(text: str, tracking_uri: str | None = None) -> str:
+    """A reference as the checkpoint it names, for a config key that a worker loads itself
+    (``rdan.shortlist_model``): ``models:/`` pinned now to its version's registered checkpoint
+    (the ``checkpoint`` tag its registration wrote), a path or URL as it is."""
+    ref = ModelRef.parse(text, tracking_uri)
+    if not ref.registered:
+        if ref.uri.startswith("runs:/"):
+            raise ModelLookupError(f"{text}: name a registered model (models:/...) or a checkpoint path or URL")
+        return ref.uri
+    pinned = ref.resolve()
+    url = pinned.tags().get("checkpoint")
+    if not url:
+        raise ModelLookupError(f"{pinned}: the version has no 'checkpoint' tag (not registered by xray_match)")
+    return url
+
+
 def load_inference(path: str, device: str = "cpu") -> Any:
     """A checkpoint folder or file -> the recipe's inference object."""
     from xray_match.train import checkpoint

@@ -329,7 +329,7 @@ def evaluate_split(recipe: Recipe, model: nn.Module, split: str, *, rank: int = 
     out: dict[str, float] = {}
     artifacts: list[str] = []
     for source in [None, *(s["name"] for s in recipe.info.sources)]:
-        ctx = EvalContext(rank, world_size, device, autocast, out_dir if source is None else None)
+        ctx = EvalContext(rank, world_size, device, autocast, out_dir if source is None else None, split=split)
         batches = (move_to(b, device) for b in split_loader(recipe, split, train=False, rank=rank,
                                                             world_size=world_size, source=source))
         metrics = recipe.evaluate(model, batches, ctx)

@@ -64,6 +64,7 @@ class EvalContext:
     autocast: Callable[[], Any] = contextlib.nullcontext  # bf16 on GPU; a no-op context on CPU
     out_dir: str | None = None  # where rank 0 may write PNGs to log as artifacts
     artifacts: list[str] = field(default_factory=list)
+    split: str = ""  # the split evaluated (its shards are under the recipe's ``info.root``)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate a tensor's first dimension across ranks in rank order (sizes may differ)."""
