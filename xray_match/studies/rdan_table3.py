@@ -74,12 +74,13 @@ def format_table(results: dict[str, dict[str, Any]], rows: Iterable[str], seeds:
     head = ["row", "switches", *(c.replace("_r", " R@") for c in COLUMNS), "rsum by seed", "vs full"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
+        means = {c: mean(row, c) for c in COLUMNS}
         cells = [row, switches(row)]
-        cells += ["-" if mean(row, c) is None else f"{mean(row, c):.1f}" for c in COLUMNS]
+        cells += ["-" if m is None else f"{m:.1f}" for m in means.values()]
         by_seed = [f"{results[f'{row}/s{s}']['test'][f'{split}/rsum']:.1f}" if f"{row}/s{s}" in results else "-"
                    for s in seeds]
         cells.append(" / ".join(by_seed))
-        r = mean(row, "rsum")
+        r = means["rsum"]
         cells.append("" if row == "none" or r is None or full is None else f"{r - full:+.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
